@@ -1,0 +1,134 @@
+"""The ``kvstore`` twistd plugin: command-line options and the service they build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+
+from kvtwist.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST, KVFactory
+
+
+def endpointDescription(port: str) -> str:
+    """
+    A server endpoint description for ``--port``.
+
+    A bare number is what people type, but current Twisted no longer
+    accepts it as an endpoint, so it becomes ``tcp:N``.
+    """
+    port = port.strip()
+    return f"tcp:{port}" if port.isdigit() else port
+
+
+def _positiveInt(what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError(f"--{what} must be a whole number, not {text!r}")
+        if value < 1:
+            raise usage.UsageError(f"--{what} must be at least 1")
+        return value
+
+    parse.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--idle-timeout must be a number of seconds, not {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise usage.UsageError("--idle-timeout must be 0 (never) or a positive number of seconds")
+    return value
+
+
+_seconds.coerceDoc = "Seconds; 0 means never."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["port", "p", "5000", "Where to listen: a port number or a server endpoint string (tcp:5000:interface=127.0.0.1, unix:/path, ssl:...)."],
+        ["max-request", None, DEFAULT_MAX_REQUEST, "Longest request accepted, in bytes.", _positiveInt("max-request")],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Most connections served at once.", _positiveInt("max-connections")],
+        ["idle-timeout", None, 0.0, "Close connections idle for this many seconds.", _seconds],
+    ]
+
+    def postOptions(self) -> None:
+        self["port"] = endpointDescription(self["port"])
+        # Parse the description now, so that a typo or a missing certificate
+        # is a usage error rather than a traceback at start-up.
+        from twisted.internet import reactor
+
+        try:
+            endpoints.serverFromString(reactor, self["port"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
+
+
+class KVService(service.Service):
+    """
+    Listens on one endpoint while running.
+
+    Unlike ``strports.service`` it keeps the listening port, so it can log
+    the real address (useful with port 0) and stop listening on shutdown.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: KVFactory, description: str = ""
+    ) -> None:
+        self.endpoint = endpoint
+        self.description = description or repr(endpoint)
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._listen: defer.Deferred[None] | None = None
+
+    def privilegedStartService(self) -> None:
+        # Binding here lets a privileged port be taken before twistd drops
+        # privileges, and makes a port in use fail start-up at once.
+        super().privilegedStartService()
+        failures: list[BaseException] = []
+        self._listen = self.endpoint.listen(self.factory).addCallbacks(
+            self._listening, lambda f: failures.append(f.value)
+        )
+        if failures:
+            # One clear line instead of a traceback: this is an operator's
+            # mistake (port in use, no permission), not a bug.
+            raise SystemExit(f"kvstore: cannot listen on {self.description}: {failures[0]}")
+
+    def startService(self) -> None:
+        if self._listen is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self._log.info("kvstore listening on {address}", address=port.getHost())
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        self._listen = None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+
+def makeService(config: Options, reactor: IReactorCore | None = None) -> service.IService:
+    """Build the server from parsed options; tests pass a fake reactor."""
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[assignment]
+    factory = KVFactory(
+        maxRequest=config["max-request"],
+        maxConnections=config["max-connections"],
+        idleTimeout=config["idle-timeout"],
+    )
+    endpoint = endpoints.serverFromString(reactor, config["port"])
+    return KVService(endpoint, factory, config["port"])

@@ -1,0 +1,333 @@
+"""The wire protocol through StringTransport: every rule of docs/protocol.md."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from kvtwist.protocol import KVFactory, KVProtocol, parseInt64
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class CountingTransport(StringTransport):
+    """Counts writes, to check that one received chunk gives one batch of replies."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def connect(factory: KVFactory | None = None) -> tuple[KVProtocol, CountingTransport]:
+    factory = factory or KVFactory()
+    proto = factory.buildProtocol(None)
+    transport = CountingTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def run(requests: bytes, factory: KVFactory | None = None) -> bytes:
+    proto, transport = connect(factory)
+    proto.dataReceived(requests)
+    return transport.value()
+
+
+# (requests, expected replies): the assignment's sample session first.
+CONVERSATIONS = [
+    (b"put 1 2\nput 1 3\nput 2 3\nget 1\ndel 1\nget 1\ndel 5\n",
+     b"OK\nKey already exists\nOK\n2\nOK\nKey not found\nKey not found\n"),
+    (b"get 1\n", b"Key not found\n"),
+    (b"put 1 2\nget 1\nput 1 9\nget 1\n", b"OK\n2\nKey already exists\n2\n"),
+    (b"put 1 2\ndel 1\nput 1 3\nget 1\n", b"OK\nOK\nOK\n3\n"),
+    # Case-insensitive verbs, runs of spaces and tabs.
+    (b"PUT 1 2\nGeT 1\nDEL 1\n", b"OK\n2\nOK\n"),
+    (b"  put \t 4\t\t5   \nget\t4\n", b"OK\n5\n"),
+    # CRLF, NUL as a terminator, blank requests get no reply.
+    (b"put 1 2\r\nget 1\r\n", b"OK\n2\n"),
+    (b"put 1 2\0get 1\0", b"OK\n2\n"),
+    (b"get 1\0\n", b"Key not found\n"),
+    (b"\n\n  \n\t\r\nget 1\n", b"Key not found\n"),
+    # Integers compare by value; replies use the canonical form.
+    (b"put 007 1\nget 7\nget +7\nget 0000000000000000000000000000007\n", b"OK\n1\n1\n1\n"),
+    (b"put -0 +12\nget 0\nget 00\n", b"OK\n12\n12\n"),
+    (b"put 1 -0005\nget 1\n", b"OK\n-5\n"),
+    (b"put -9223372036854775808 9223372036854775807\nget -9223372036854775808\n",
+     b"OK\n9223372036854775807\n"),
+    # Bye ends the conversation; what follows it is not executed.
+    (b"put 1 2\nBye\nput 3 4\n", b"OK\nGoodbye\n"),
+    (b"bye\n", b"Goodbye\n"),
+    (b"BYE\r\n", b"Goodbye\n"),
+]
+
+
+@pytest.mark.parametrize("requests, replies", CONVERSATIONS)
+def test_conversation(requests: bytes, replies: bytes) -> None:
+    assert run(requests) == replies
+
+
+# Each kind of bad input, with the store state that must survive it.
+BAD_REQUESTS = [
+    b"foo 1 2", b"putt 1 2", b"get", b"get 1 2", b"put 1", b"put 1 2 3", b"del", b"del 1 2",
+    b"Bye now", b"put 1_000 1", b"put 1e3 1", b"put 0x10 1", b"put 1 0x10", b"put 1.0 1",
+    b"put 9223372036854775808 1", b"put 1 -9223372036854775809", b"put 1 99999999999999999999",
+    b"put \xd9\xa1 1", b"put \xef\xbc\x91 1", b"put - 1", b"put + 1", b"put +-1 1", b"put --1 1",
+    b"put 1 2\x0b3", b"put 1 2\r3", b"get 1\x0c", b"get \x1b[31m", b"\x1b[2J", b"\xff\xfe",
+]
+
+
+@pytest.mark.parametrize("request_", BAD_REQUESTS)
+def test_bad_input(request_: bytes) -> None:
+    factory = KVFactory()
+    factory.store.put(1, 5)
+    proto, transport = connect(factory)
+    proto.dataReceived(request_ + b"\nget 1\n")
+    error, after = transport.value().split(b"\n")[:2]
+    assert error.startswith(b"Error: ")
+    # Never echo the client's bytes: only printable ASCII we wrote ourselves.
+    assert re.fullmatch(rb"[ -~]+", error)
+    for token in request_.split():
+        if len(token) > 3:
+            assert token not in error
+    assert after == b"5"
+    assert dict(factory.store.items()) == {1: 5}
+    assert not transport.disconnecting
+
+
+def test_error_texts_name_the_problem() -> None:
+    replies = run(b"foo\nput 1\nput x 1\nput 1 x\n").decode().splitlines()
+    assert "unknown command" in replies[0]
+    assert "wrong number of arguments" in replies[1] and "put KEY VALUE" in replies[1]
+    assert "key" in replies[2]
+    assert "value" in replies[3]
+
+
+def test_bye_closes_connection() -> None:
+    proto, transport = connect()
+    proto.dataReceived(b"Bye\nput 1 2\n")
+    assert transport.disconnecting
+    assert proto.factory.store.get(1) is None
+    proto.dataReceived(b"put 3 4\n")
+    assert transport.value() == b"Goodbye\n"
+    assert proto.factory.store.get(3) is None
+
+
+@pytest.mark.parametrize("limit", [10, 4096])
+def test_request_at_the_limit_is_served(limit: int) -> None:
+    factory = KVFactory(maxRequest=limit)
+    request = b"get " + b"0" * (limit - 5) + b"1"
+    assert len(request) == limit
+    assert run(request + b"\r\n", factory) == b"Key not found\n"
+
+
+@pytest.mark.parametrize("limit", [10, 4096])
+def test_request_over_the_limit_closes(limit: int) -> None:
+    factory = KVFactory(maxRequest=limit)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 2\nget " + b"0" * (limit - 3) + b"1\nput 3 4\n")
+    assert transport.value() == b"OK\nError: request too long\n"
+    assert transport.disconnecting
+    assert factory.store.get(3) is None
+
+
+def test_unfinished_request_over_the_limit_closes_at_once() -> None:
+    factory = KVFactory(maxRequest=100)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"get 1\n" + b"9" * 60)
+    assert transport.value() == b"Key not found\n"
+    proto.dataReceived(b"9" * 60)
+    assert transport.value() == b"Key not found\nError: request too long\n"
+    assert transport.disconnecting
+
+
+def test_long_request_does_not_disturb_other_clients() -> None:
+    factory = KVFactory(maxRequest=64)
+    noisy, noisyTransport = connect(factory)
+    quiet, quietTransport = connect(factory)
+    quiet.dataReceived(b"put 1 2\n")
+    noisy.dataReceived(b"x" * 1000)
+    quiet.dataReceived(b"get 1\n")
+    assert noisyTransport.disconnecting
+    assert not quietTransport.disconnecting
+    assert quietTransport.value() == b"OK\n2\n"
+
+
+SCRIPT = b"put 1 2\r\nget 1\nPUT 007 -3\0get 7\n\nfoo\nput x 1\ndel 1\nget 1\nBye\nget 7\n"
+SCRIPT_REPLIES = (
+    b"OK\n2\nOK\n-3\nError: unknown command (expected put, get, del or Bye)\n"
+    b"Error: key must be a signed 64-bit decimal integer\nOK\nKey not found\nGoodbye\n"
+)
+
+
+@pytest.mark.parametrize("cut", range(len(SCRIPT) + 1))
+def test_input_split_at_every_byte(cut: int) -> None:
+    proto, transport = connect()
+    proto.dataReceived(SCRIPT[:cut])
+    proto.dataReceived(SCRIPT[cut:])
+    assert transport.value() == SCRIPT_REPLIES
+
+
+def test_input_one_byte_at_a_time() -> None:
+    proto, transport = connect()
+    for i in range(len(SCRIPT)):
+        proto.dataReceived(SCRIPT[i : i + 1])
+    assert transport.value() == SCRIPT_REPLIES
+
+
+def test_pipelined_requests_answered_in_order_in_one_write() -> None:
+    n = 20000
+    requests = b"".join(b"put %d %d\n" % (k, k * 3) for k in range(n))
+    requests += b"".join(b"get %d\n" % k for k in range(n))
+    proto, transport = connect()
+    proto.dataReceived(requests)
+    replies = transport.value().split(b"\n")[:-1]
+    assert replies[:n] == [b"OK"] * n
+    assert replies[n:] == [str(k * 3).encode() for k in range(n)]
+    assert transport.writes == 1
+
+
+def test_half_close_still_gets_replies() -> None:
+    proto, transport = connect()
+    proto.dataReceived(b"put 1 2\nget 1")
+    assert transport.value() == b"OK\n"
+    proto.readConnectionLost()
+    assert transport.value() == b"OK\n2\n"
+    assert transport.disconnecting
+
+
+def test_half_close_with_nothing_pending_closes() -> None:
+    proto, transport = connect()
+    proto.readConnectionLost()
+    assert transport.value() == b""
+    assert transport.disconnecting
+
+
+def test_idle_timeout() -> None:
+    clock = Clock()
+    factory = KVFactory(idleTimeout=5)
+    proto = factory.buildProtocol(None)
+    proto.callLater = clock.callLater  # type: ignore[method-assign]
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(4)
+    proto.dataReceived(b"get 1\n")
+    clock.advance(4)
+    assert not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.disconnecting
+    assert transport.value() == b"Key not found\nError: idle timeout\n"
+
+
+def test_no_idle_timeout_by_default() -> None:
+    clock = Clock()
+    proto = KVFactory().buildProtocol(None)
+    proto.callLater = clock.callLater  # type: ignore[method-assign]
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(10**6)
+    assert not transport.disconnecting
+    assert not clock.getDelayedCalls()
+
+
+def test_too_many_connections() -> None:
+    factory = KVFactory(maxConnections=2)
+    first, _ = connect(factory)
+    connect(factory)
+    refused = factory.buildProtocol(None)
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.value() == b"Error: too many connections\n"
+    assert transport.disconnecting
+    # A slot frees up when a client leaves.
+    first.connectionLost()
+    again, againTransport = connect(factory)
+    again.dataReceived(b"get 1\n")
+    assert againTransport.value() == b"Key not found\n"
+
+
+def test_stops_reading_while_client_does_not_read_replies() -> None:
+    proto, transport = connect()
+    assert transport.producer is proto
+    proto.pauseProducing()
+    assert transport.producerState == "paused"
+    proto.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+class HeldFactory(KVFactory):
+    """Holds every reply back until released, as a durable store does until fsync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple] = []
+
+    def whenDurable(self, f, *args) -> None:  # type: ignore[no-untyped-def]
+        self.held.append((f, args))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for f, args in held:
+            f(*args)
+
+
+def test_replies_and_close_wait_for_durability() -> None:
+    factory = HeldFactory()
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 2\n")
+    proto.dataReceived(b"get 1\nBye\n")
+    assert transport.value() == b""
+    assert not transport.disconnecting
+    factory.release()
+    assert transport.value() == b"OK\n2\nGoodbye\n"
+    assert transport.disconnecting
+
+
+# Property-based checks of the parser.
+
+@given(st.integers(INT64_MIN, INT64_MAX), st.integers(0, 30), st.sampled_from(["", "+"]))
+def test_parse_accepts_every_int64_spelling(value: int, zeros: int, plus: str) -> None:
+    sign = "-" if value < 0 else plus
+    text = f"{sign}{'0' * zeros}{abs(value)}".encode()
+    assert parseInt64(text) == value
+
+
+@given(st.binary(max_size=25))
+def test_parse_accepts_only_ascii_decimal_in_range(token: bytes) -> None:
+    result = parseInt64(token)
+    if re.fullmatch(rb"[+-]?[0-9]+", token) and INT64_MIN <= int(token) <= INT64_MAX:
+        assert result == int(token)
+    else:
+        assert result is None
+
+
+@given(st.integers(2**63, 2**80) | st.integers(-(2**80), -(2**63) - 1))
+def test_parse_rejects_out_of_range(value: int) -> None:
+    assert parseInt64(str(value).encode()) is None
+
+
+requests = st.lists(
+    st.tuples(
+        st.sampled_from([b"put", b"PUT", b"get", b"del", b"frob"]),
+        st.lists(st.integers(-3, 3).map(lambda i: b"%d" % i), max_size=3),
+        st.sampled_from([b"\n", b"\r\n", b"\0"]),
+    ),
+    max_size=40,
+).map(lambda rs: b"".join(verb + b" " + b" ".join(args) + end for verb, args, end in rs))
+
+
+@given(requests, st.lists(st.integers(0, 400), max_size=8))
+def test_any_split_gives_the_same_replies(script: bytes, cuts: list[int]) -> None:
+    whole = run(script)
+    proto, transport = connect()
+    start = 0
+    for cut in sorted(c for c in cuts if c <= len(script)) + [len(script)]:
+        proto.dataReceived(script[start:cut])
+        start = cut
+    assert transport.value() == whole
+    # Every request that is not blank gets exactly one reply line.
+    assert whole.count(b"\n") == len([r for r in re.split(rb"\r?\n|\0", script) if r.strip()])
