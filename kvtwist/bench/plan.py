@@ -1,0 +1,96 @@
+"""What a benchmark run measures: its scenarios, each with a load, servers, rounds and targets."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from kvtwist.bench.loadgen import Load
+
+# Ratios are kvtwist's figure over Redis's, so "<=" suits costs and ">=" rates.
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on one ratio against Redis, e.g. ``Target("rps", ">=", 1.3)``."""
+
+    metric: str  # rps, cpu, p99, rssPerKey
+    op: str
+    threshold: float
+
+    def met(self, ratio: float) -> bool:
+        return _OPERATORS[self.op](ratio, self.threshold)
+
+    def describe(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}x Redis"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """
+    One workload run against some servers for some rounds.
+
+    A ``memory`` scenario starts fresh servers each round, fills the whole
+    keyspace once and reports resident bytes per key; the others start their
+    servers once, fill the keyspace, then alternate the servers round by round.
+    """
+
+    key: str
+    title: str
+    load: Load
+    servers: tuple[str, ...] = ("kvtwist", "redis")
+    rounds: int = 5
+    memory: bool = False
+    targets: tuple[Target, ...] = field(default=())
+
+
+def fullPlan(rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True) -> list[Scenario]:
+    """The plan behind docs/performance.md; ``durable`` adds the ``--fsync always`` comparison."""
+    base = Load(connections=50, depth=1, keyspace=100_000, reads=80, duration=duration, warmup=warmup)
+    short = replace(base, duration=max(duration * 0.6, 0.5))
+    sweepRounds = max(1, min(rounds, 3))
+    plan = [
+        Scenario("cal-d1", "C calibration server, 50 conns", base, ("cserver",), rounds=1),
+        Scenario("cal-d16", "C calibration server, 50 conns, depth 16", replace(base, depth=16), ("cserver",), rounds=1),
+        Scenario("c50", "50 conns, no pipelining", base, rounds=rounds,
+                 targets=(Target("rps", ">=", 1.0), Target("cpu", "<=", 1.0))),
+        Scenario("c50-d16", "50 conns, depth 16", replace(base, depth=16), rounds=rounds,
+                 targets=(Target("rps", ">=", 1.3),)),
+        Scenario("idle10k", "10,000 conns, 50 active", replace(base, idle=9950), rounds=rounds,
+                 targets=(Target("rps", ">=", 1.0), Target("p99", "<=", 1.0))),
+    ]
+    plan += [
+        Scenario(f"sweep-c{n}", f"{n} conns", replace(short, connections=n), rounds=sweepRounds)
+        for n in (1, 10, 100, 1000)
+    ]
+    plan.append(
+        Scenario("mem1m", "1M keys stored", Load(connections=4, depth=64, keyspace=1_000_000, fill=True),
+                 rounds=sweepRounds, memory=True, targets=(Target("rssPerKey", "<=", 1.0),))
+    )
+    if durable:
+        plan.append(
+            Scenario("always", "50 conns, fsync always", base, ("kvtwist-always", "redis-always"),
+                     rounds=rounds, targets=(Target("rps", ">=", 1.0),))
+        )
+    return plan
+
+
+def quickPlan(durable: bool = True) -> list[Scenario]:
+    """A tiny version of every kind of scenario, to check the harness itself in seconds."""
+    tiny = Load(connections=2, depth=1, keyspace=1000, duration=0.3, warmup=0.1)
+    plan = [
+        Scenario("cal-d1", "C calibration server", tiny, ("cserver",), rounds=1),
+        Scenario("c50", "2 conns", tiny, rounds=2, targets=(Target("rps", ">=", 1.0), Target("cpu", "<=", 1.0))),
+        Scenario("c50-d16", "2 conns, depth 4", replace(tiny, depth=4), rounds=1, targets=(Target("rps", ">=", 1.3),)),
+        Scenario("idle10k", "2 conns + 20 idle", replace(tiny, idle=20), rounds=1,
+                 targets=(Target("rps", ">=", 1.0), Target("p99", "<=", 1.0))),
+        Scenario("sweep-c1", "1 conn", replace(tiny, connections=1), rounds=1),
+        Scenario("mem1m", "2000 keys stored", Load(connections=2, depth=8, keyspace=2000, fill=True),
+                 rounds=1, memory=True, targets=(Target("rssPerKey", "<=", 1.0),)),
+    ]
+    if durable:
+        plan.append(Scenario("always", "2 conns, fsync always", tiny, ("kvtwist-always", "redis-always"), rounds=1,
+                             targets=(Target("rps", ">=", 1.0),)))
+    return plan

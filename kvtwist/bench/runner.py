@@ -1,0 +1,139 @@
+"""Running a plan: servers up, interleaved rounds, one Measurement per server per round."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from kvtwist.bench import loadgen, procfs, servers
+from kvtwist.bench.loadgen import Load
+from kvtwist.bench.plan import Scenario
+
+# How the keyspace is filled before rounds start: not measured, just fast.
+_PREFILL = Load(connections=4, depth=64, fill=True)
+# Time for the server to finish closing connections before its CPU is read.
+_SETTLE = 0.2
+
+
+@dataclass
+class Measurement:
+    """One server's figures for one round of one scenario."""
+
+    scenario: str
+    server: str
+    round: int
+    rps: float
+    p50: float  # microseconds, as are p99 and p999
+    p99: float
+    p999: float
+    errors: int
+    cpu: float  # server CPU microseconds per request
+    rssBefore: int
+    rssPeak: int
+    rssAfter: int
+    connections: int
+    keys: int  # keys written by a memory scenario, else 0
+    histogram: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def memPerConnection(self) -> float:
+        return (self.rssPeak - self.rssBefore) / self.connections
+
+    @property
+    def rssPerKey(self) -> float:
+        return (self.rssAfter - self.rssBefore) / self.keys if self.keys else float("nan")
+
+
+Progress = Callable[[str], None]
+
+
+def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Path) -> Measurement:
+    """Run the scenario's load once against ``server``, sampling its /proc meanwhile."""
+    load = scenario.load
+    before = procfs.sample(server.pid)
+    proc = loadgen.start(kvbench, load, server.port, server.proto)
+    peak = before.rss
+    while proc.poll() is None:
+        time.sleep(0.05)
+        peak = max(peak, procfs.sample(server.pid).rss)
+    result = loadgen.finish(proc, timeout=60)
+    time.sleep(_SETTLE)
+    after = procfs.sample(server.pid)
+    return Measurement(
+        scenario=scenario.key,
+        server=server.kind,
+        round=round,
+        rps=result.rps,
+        p50=result.p50,
+        p99=result.p99,
+        p999=result.p999,
+        errors=result.errors,
+        cpu=(after.cpu - before.cpu) * 1e6 / max(result.totalRequests, 1),
+        rssBefore=before.rss,
+        rssPeak=max(peak, after.rss),
+        rssAfter=after.rss,
+        connections=load.connections + load.idle,
+        keys=load.keyspace if load.fill else 0,
+        histogram=result.histogram,
+    )
+
+
+def _describe(m: Measurement) -> str:
+    if m.keys:
+        return f"{m.rssPerKey:.0f} B/key resident"
+    return f"{m.rps:,.0f} req/s, {m.cpu:.1f} us CPU/req, p99 {m.p99 / 1000:.2f} ms"
+
+
+def runScenario(scenario: Scenario, options: servers.Options, kvbench: Path, progress: Progress) -> list[Measurement]:
+    """All rounds of one scenario; servers alternate within each round (A B A B ...)."""
+    results: list[Measurement] = []
+
+    def record(server: servers.Server, round: int) -> None:
+        m = measure(server, scenario, round, kvbench)
+        results.append(m)
+        progress(f"  {scenario.title} | round {round + 1}/{scenario.rounds} | {server.kind}: {_describe(m)}")
+
+    if scenario.memory:
+        # Memory is measured on fresh processes, so nothing earlier inflates or hides it.
+        for round in range(scenario.rounds):
+            for kind in scenario.servers:
+                server = servers.start(kind, options)
+                try:
+                    record(server, round)
+                finally:
+                    server.stop()
+        return results
+
+    running: list[servers.Server] = []
+    try:
+        for kind in scenario.servers:
+            running.append(servers.start(kind, options))
+        prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
+        for server in running:
+            loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
+        for round in range(scenario.rounds):
+            for server in running:
+                record(server, round)
+    finally:
+        for server in running:
+            server.stop()
+    return results
+
+
+def runPlan(plan: list[Scenario], options: servers.Options, kvbench: Path, progress: Progress) -> list[Measurement]:
+    """Every scenario in order, skipping servers that are not available here."""
+    results: list[Measurement] = []
+    available = set(servers.KINDS)
+    if options.redis is None:
+        available -= {"redis", "redis-always"}
+    if not servers.kvtwistSupportsFsync():
+        available.discard("kvtwist-always")
+    for i, scenario in enumerate(plan, 1):
+        kinds = tuple(k for k in scenario.servers if k in available)
+        skipped = set(scenario.servers) - set(kinds)
+        progress(f"[{i}/{len(plan)}] {scenario.title}" + (f" (skipping {', '.join(sorted(skipped))}: not available)" if skipped else ""))
+        if kinds:
+            results += runScenario(replace(scenario, servers=kinds), options, kvbench, progress)
+    return results

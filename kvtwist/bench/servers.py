@@ -1,0 +1,191 @@
+"""Starting the servers under test on free loopback ports, each in its own scratch directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import kvtwist
+
+HOST = "127.0.0.1"
+_KVSTORE_LISTENING = re.compile(r"kvstore listening on .*port=(\d+)")
+_CSERVER_LISTENING = re.compile(r"cserver listening on .*:(\d+)")
+# Above the biggest load in the plan, so that no measurement hits the limit.
+MAX_CONNECTIONS = 10100
+
+
+class ServerError(Exception):
+    """A server under test did not start."""
+
+
+@dataclass
+class Server:
+    """A running server process: where it listens, which protocol it speaks."""
+
+    kind: str
+    proto: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the process (TERM, then KILL after 10 s) and remove its directory."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the starters need beyond the kind: interpreters and binaries."""
+
+    python: str = sys.executable
+    redis: str | None = shutil.which("redis-server")
+    cserver: Path | None = None
+
+
+def kvtwistSupportsFsync() -> bool:
+    """Whether this kvtwist has ``--data`` and ``--fsync`` (the durable store)."""
+    from kvtwist import tap
+
+    names = {p[0] for p in tap.Options.optParameters}
+    return {"data", "fsync"} <= names
+
+
+def _spawn(argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(workdir / "server.log", "wb") as log:
+        return subprocess.Popen(
+            argv, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env,
+        )
+
+
+def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = pattern.search(server.log_text())
+        if match:
+            return int(match.group(1))
+        if server.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    text = server.log_text()
+    server.stop()
+    raise ServerError(f"{server.kind} did not start listening:\n{text}")
+
+
+def _freePort() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _waitForPing(server: Server, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            with socket.create_connection((HOST, server.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
+    argv = [
+        options.python, "-c", "from twisted.scripts.twistd import run; run()",
+        "-n", "--pidfile=", "kvstore",
+        "--port", f"tcp:0:interface={HOST}",
+        "--max-connections", str(MAX_CONNECTIONS),
+    ]
+    if kind == "kvtwist-always":
+        argv += ["--data", str(workdir / "data"), "--fsync", "always"]
+    # The project root goes first on the path, so the server runs this very
+    # kvtwist (and finds its twistd dropin) whatever is installed.
+    root = str(Path(kvtwist.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    server = Server(kind, "kv", 0, _spawn(argv, workdir, env), workdir)
+    server.port = _waitForLog(server, _KVSTORE_LISTENING)
+    return server
+
+
+def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
+    if options.redis is None:
+        raise ServerError("redis-server is not installed")
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "always"]
+        if kind == "redis-always"
+        else ["--appendonly", "no"]
+    )
+    for _ in range(5):
+        # Redis cannot listen on port 0 and report it, so pick a free port;
+        # another process may take it first, hence the retries.
+        port = _freePort()
+        argv = [
+            options.redis, "--bind", HOST, "--port", str(port), "--save", "",
+            "--dir", str(workdir), "--maxclients", str(MAX_CONNECTIONS),
+            "--daemonize", "no", "--protected-mode", "no", *persistence,
+        ]
+        server = Server(kind, "redis", port, _spawn(argv, workdir), workdir)
+        if _waitForPing(server):
+            return server
+        server.proc.kill()
+        server.proc.wait()
+    raise ServerError(f"redis-server did not start:\n{server.log_text()}")
+
+
+def _startCserver(kind: str, options: Options, workdir: Path) -> Server:
+    if options.cserver is None:
+        raise ServerError("cserver was not built")
+    server = Server(kind, "kv", 0, _spawn([str(options.cserver), "0"], workdir), workdir)
+    server.port = _waitForLog(server, _CSERVER_LISTENING)
+    return server
+
+
+_STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
+    "kvtwist": _startKvtwist,
+    "kvtwist-always": _startKvtwist,
+    "redis": _startRedis,
+    "redis-always": _startRedis,
+    "cserver": _startCserver,
+}
+
+KINDS = tuple(_STARTERS)
+
+# Each kvtwist configuration is compared with the Redis configuration that
+# makes the same promise.
+BASELINE = {"kvtwist": "redis", "kvtwist-always": "redis-always"}
+
+
+def start(kind: str, options: Options) -> Server:
+    """Start a server of ``kind`` (one of ``KINDS``) on a free loopback port."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"kvbench-{kind}-"))
+    try:
+        return _STARTERS[kind](kind, options, workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
