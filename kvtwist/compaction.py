@@ -1,0 +1,97 @@
+"""Compaction: replace the journals with a fresh snapshot, step by step.
+
+The caller has already started a new journal (generation N) and taken the
+list of keys at that moment.  The steps here write snapshot N from those
+keys, looking each value up only when its turn comes, so the snapshot is
+written in small pieces while the store keeps changing.  That is safe
+because journal N holds every change since the key list was taken and
+replaying it is a series of blind writes: for each key, the last change
+in journal N wins over whatever the snapshot caught, and a key with no
+change in journal N had the same value the whole time.
+
+The steps are a generator.  It yields ``None`` between pieces of work and
+``Blocking(fn)`` for work that waits on the disk (fsync), which an event
+loop should run in a thread; a plain loop may just call ``fn()``.
+No Twisted imports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from kvtwist.datadir import TEMP_SUFFIX, fsync_dir, list_files, snapshot_name
+from kvtwist.snapshot import SnapshotWriter
+
+CHUNK = 8192
+
+Crashpoint = Callable[[str], None]
+
+
+def no_crash(step: str) -> None:
+    """The default crash point: carry on."""
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """A step that waits on the disk; run it off the event loop if there is one."""
+
+    fn: Callable[[], object]
+
+
+def snapshot_steps(
+    dirpath: str,
+    generation: int,
+    keys: Sequence[int],
+    lookup: Callable[[int], int | None],
+    crashpoint: Crashpoint = no_crash,
+    chunk: int = CHUNK,
+) -> Iterator[Blocking | None]:
+    """Write snapshot ``generation``, make it current, and remove older files.
+
+    A crash at any step leaves a directory that recovers to the right
+    state: before the rename the old snapshot and all journals are still
+    there; after it, the new snapshot and journal ``generation`` are.
+    Closing the generator early removes the unfinished temporary file.
+    """
+    final = os.path.join(dirpath, snapshot_name(generation))
+    temp = final + TEMP_SUFFIX
+    writer = SnapshotWriter(temp, generation)
+    try:
+        for start in range(0, len(keys), chunk):
+            pairs = []
+            for key in keys[start : start + chunk]:
+                value = lookup(key)
+                if value is not None:
+                    pairs.append((key, value))
+            writer.write(pairs)
+            crashpoint("snapshot partly written")
+            yield None
+        writer.finish()
+        crashpoint("snapshot written")
+        yield Blocking(writer.sync)
+        crashpoint("snapshot synced")
+    except BaseException:
+        writer.close()
+        os.remove(temp)
+        raise
+    writer.close()
+    os.replace(temp, final)
+    crashpoint("snapshot renamed")
+    yield Blocking(lambda: fsync_dir(dirpath))
+    crashpoint("snapshot durable")
+    remove_obsolete(dirpath, generation)
+    crashpoint("old files removed")
+    yield Blocking(lambda: fsync_dir(dirpath))
+
+
+def remove_obsolete(dirpath: str, current: int) -> list[str]:
+    """Remove journals and snapshots older than generation ``current``; name them."""
+    listing = list_files(dirpath)
+    removed = []
+    for generation, name in [*listing.journals.items(), *listing.snapshots.items()]:
+        if generation < current:
+            os.remove(os.path.join(dirpath, name))
+            removed.append(name)
+    return removed

@@ -1,0 +1,148 @@
+"""The journal format: records round-trip, and torn tails are told from corruption."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvtwist import journal
+from kvtwist.journal import HEADER_SIZE, RECORD_SIZE, JournalFormatError, JournalWriter
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+OPS = st.lists(st.one_of(st.tuples(st.just("put"), INT64, INT64), st.tuples(st.just("del"), INT64, st.just(0))))
+
+
+def encode(ops) -> bytes:
+    return journal.encode_header(journal.MAGIC, 7) + b"".join(
+        journal.encode_put(k, v) if op == "put" else journal.encode_del(k) for op, k, v in ops
+    )
+
+
+def model(ops) -> dict[int, int]:
+    """What replaying ``ops`` as blind writes must give."""
+    state: dict[int, int] = {}
+    for op, key, value in ops:
+        if op == "put":
+            state[key] = value
+        else:
+            state.pop(key, None)
+    return state
+
+
+@given(OPS)
+def test_round_trip(ops) -> None:
+    data = encode(ops)
+    state: dict[int, int] = {}
+    scan = journal.replay("j", data, state)
+    assert state == model(ops)
+    assert (scan.generation, scan.records, scan.clean) == (7, len(ops), True)
+
+
+@given(st.lists(st.tuples(st.just("put"), INT64, INT64), min_size=1, max_size=20), st.data())
+def test_any_cut_inside_the_last_record_is_a_torn_tail(ops, data) -> None:
+    whole = encode(ops)
+    cut = data.draw(st.integers(min_value=len(whole) - RECORD_SIZE + 1, max_value=len(whole) - 1))
+    state: dict[int, int] = {}
+    scan = journal.replay("j", whole[:cut], state)
+    assert scan.torn and scan.bad_offset == len(whole) - RECORD_SIZE
+    assert state == model(ops[:-1])
+
+
+@given(st.lists(st.tuples(st.just("put"), INT64, INT64), min_size=2, max_size=20), st.data())
+def test_a_flipped_bit_before_the_last_record_is_corruption(ops, data) -> None:
+    whole = bytearray(encode(ops))
+    index = data.draw(st.integers(min_value=0, max_value=len(ops) - 2))
+    bit = data.draw(st.integers(min_value=0, max_value=RECORD_SIZE * 8 - 1))
+    whole[HEADER_SIZE + index * RECORD_SIZE + bit // 8] ^= 1 << (bit % 8)
+    scan = journal.replay("j", bytes(whole), None)
+    assert not scan.clean and not scan.torn
+    assert scan.bad_offset == HEADER_SIZE + index * RECORD_SIZE
+
+
+def test_a_flipped_bit_in_the_last_record_is_a_torn_tail() -> None:
+    whole = bytearray(encode([("put", 1, 2), ("put", 3, 4)]))
+    whole[-1] ^= 0x10
+    scan = journal.replay("j", bytes(whole), None)
+    assert scan.torn and scan.records == 1
+
+
+def test_zeros_after_the_last_good_record_are_a_torn_tail() -> None:
+    """Blocks allocated but never written before a power loss read back as zeros."""
+    data = encode([("put", 1, 2)]) + bytes(5 * RECORD_SIZE + 3)
+    scan = journal.replay("j", data, None)
+    assert scan.torn and scan.records == 1
+
+
+def test_a_partial_record_after_a_bad_one_is_corruption() -> None:
+    whole = bytearray(encode([("put", 1, 2), ("put", 3, 4)]))
+    whole[HEADER_SIZE] ^= 0xFF
+    scan = journal.replay("j", bytes(whole[:-3]), None)
+    assert not scan.torn and scan.bad_offset == HEADER_SIZE
+
+
+@pytest.mark.parametrize(
+    "mangle, detail",
+    [
+        (lambda h: h[:10], "shorter than its header"),
+        (lambda h: b"NOTAJRNL" + h[8:], "not a kvtwist file"),
+        (lambda h: h[:9] + bytes([h[9] ^ 1]) + h[10:], "header checksum"),
+    ],
+)
+def test_bad_headers_are_refused(mangle, detail) -> None:
+    data = mangle(encode([]))
+    with pytest.raises(JournalFormatError, match=detail) as caught:
+        journal.replay("j", data, None)
+    assert caught.value.offset == 0
+
+
+def test_an_unknown_version_is_refused() -> None:
+    data = journal.encode_header(journal.MAGIC, 1, version=journal.VERSION + 1)
+    with pytest.raises(JournalFormatError, match="version"):
+        journal.replay("j", data, None)
+
+
+def test_writer_appends_records_that_read_back(tmp_path) -> None:
+    path = str(tmp_path / "j")
+    with open(path, "wb") as f:
+        f.write(journal.encode_header(journal.MAGIC, 1))
+    writer = JournalWriter.open(path)
+    writer.append(journal.encode_put(5, 6))
+    writer.append(journal.encode_del(5))
+    writer.append(journal.encode_put(-1, 2**63 - 1))
+    assert writer.unsynced == 3
+    writer.sync()
+    assert writer.unsynced == 0
+    writer.close()
+    state: dict[int, int] = {}
+    scan = journal.read_journal(path, state)
+    assert state == {-1: 2**63 - 1} and scan.records == 3 and scan.size == writer.size
+
+
+def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None:
+    """A short write followed by ENOSPC is cut off, so later appends stay aligned."""
+    path = str(tmp_path / "j")
+    with open(path, "wb") as f:
+        f.write(journal.encode_header(journal.MAGIC, 1))
+    writer = JournalWriter.open(path)
+    writer.append(journal.encode_put(1, 1))
+    real_write = os.write
+    calls = []
+
+    def short_then_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(journal.JournalWriteError, match="No space left"):
+        writer.append(journal.encode_put(2, 2))
+    monkeypatch.undo()
+    writer.append(journal.encode_put(3, 3))
+    writer.close()
+    state: dict[int, int] = {}
+    assert journal.read_journal(path, state).clean
+    assert state == {1: 1, 3: 3}

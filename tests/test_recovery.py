@@ -1,0 +1,104 @@
+"""Recovery: snapshot plus journals, torn tails dropped loudly, corruption refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from journalfiles import chop, flip_byte, puts, record_offset, write_journal, write_snapshot
+from kvtwist.datadir import journal_name
+from kvtwist.recovery import RecoveryError, recover
+
+
+def test_an_empty_directory_recovers_empty(tmp_path) -> None:
+    recovered = recover(str(tmp_path))
+    assert recovered.data == {} and recovered.journal_generation is None and not recovered.warnings
+
+
+def test_snapshot_then_journals_in_order(tmp_path) -> None:
+    write_snapshot(tmp_path, 2, {1: 1, 2: 2, 3: 3})
+    write_journal(tmp_path, 2, [("del", 1, 0), ("put", 4, 4)])
+    write_journal(tmp_path, 3, [("put", 1, 100), ("del", 4, 0)])
+    recovered = recover(str(tmp_path))
+    assert recovered.data == {1: 100, 2: 2, 3: 3}
+    assert recovered.journal_generation == 3 and recovered.snapshot_generation == 2
+
+
+def test_files_older_than_the_snapshot_and_temporaries_are_obsolete(tmp_path) -> None:
+    write_snapshot(tmp_path, 1, {9: 9})
+    write_journal(tmp_path, 1, [("put", 8, 8)])
+    write_snapshot(tmp_path, 2, {1: 1})
+    write_journal(tmp_path, 2, [])
+    (tmp_path / "snapshot-00000003.kvs.tmp").write_bytes(b"half")
+    recovered = recover(str(tmp_path))
+    assert recovered.data == {1: 1}
+    assert sorted(p.rsplit("/", 1)[1] for p in recovered.obsolete) == [
+        "journal-00000001.kvj", "snapshot-00000001.kvs", "snapshot-00000003.kvs.tmp",
+    ]
+
+
+def test_torn_tail_is_dropped_with_a_warning_and_truncated(tmp_path) -> None:
+    path = write_journal(tmp_path, 1, puts(0, 5))
+    chop(path, 4)
+    recovered = recover(str(tmp_path))
+    assert recovered.data == {k: k * 10 for k in range(4)}
+    [warning] = recovered.warnings
+    assert str(path) in warning and f"offset {record_offset(4)}" in warning
+    assert path.stat().st_size == record_offset(4)
+    assert not recover(str(tmp_path)).warnings
+
+
+def test_torn_tail_is_left_alone_when_asked(tmp_path) -> None:
+    path = write_journal(tmp_path, 1, puts(0, 2))
+    chop(path, 1)
+    size = path.stat().st_size
+    assert recover(str(tmp_path), truncate_torn=False).warnings
+    assert path.stat().st_size == size
+
+
+def test_corrupt_middle_refuses_with_file_offset_and_repair_command(tmp_path) -> None:
+    path = write_journal(tmp_path, 1, puts(0, 5))
+    flip_byte(path, record_offset(2) + 3)
+    size = path.stat().st_size
+    with pytest.raises(RecoveryError) as caught:
+        recover(str(tmp_path))
+    message = str(caught.value)
+    assert str(path) in message and f"offset {record_offset(2)}" in message
+    assert f"kvtwist-repair {tmp_path}" in message
+    assert path.stat().st_size == size
+
+
+def test_a_torn_tail_in_an_older_journal_is_corruption(tmp_path) -> None:
+    """Older journals were fsynced before the next began: damage there is not a torn write."""
+    old = write_journal(tmp_path, 1, puts(0, 3))
+    chop(old, 2)
+    write_journal(tmp_path, 2, puts(3, 4))
+    with pytest.raises(RecoveryError, match=journal_name(1)):
+        recover(str(tmp_path))
+
+
+def test_a_damaged_snapshot_is_refused(tmp_path) -> None:
+    path = write_snapshot(tmp_path, 1, {1: 1, 2: 2})
+    flip_byte(path, path.stat().st_size - 20)
+    write_journal(tmp_path, 1, [])
+    with pytest.raises(RecoveryError, match="snapshot-00000001.kvs at offset"):
+        recover(str(tmp_path))
+
+
+def test_a_missing_journal_is_refused(tmp_path) -> None:
+    write_journal(tmp_path, 1, puts(0, 1))
+    write_journal(tmp_path, 3, puts(1, 2))
+    with pytest.raises(RecoveryError, match="missing"):
+        recover(str(tmp_path))
+
+
+def test_a_renamed_journal_is_refused(tmp_path) -> None:
+    write_journal(tmp_path, 1, puts(0, 1)).rename(tmp_path / journal_name(2))
+    with pytest.raises(RecoveryError, match="generation 1"):
+        recover(str(tmp_path))
+
+
+def test_a_journal_with_a_bad_header_is_refused(tmp_path) -> None:
+    path = write_journal(tmp_path, 1, puts(0, 1))
+    flip_byte(path, 2)
+    with pytest.raises(RecoveryError, match="offset 0"):
+        recover(str(tmp_path))
