@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application import service
@@ -71,6 +72,33 @@ class Options(usage.Options):
             raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
 
 
+# Descriptors beyond the clients': listening socket, journal, logs, spares.
+_SPARE_FILES = 64
+
+
+def allowOpenFiles(wanted: int, log: Logger) -> int:
+    """
+    Raise this process's open-file limit towards ``wanted``; return the new limit.
+
+    Every client is a file descriptor, and many systems start processes
+    with a soft limit of 1024, well under the default --max-connections.
+    The soft limit may be raised up to the hard one without privileges.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warn(
+            "open-file limit is {limit}: fewer than --max-connections clients can connect;"
+            " raise it with ulimit -n",
+            limit=target,
+        )
+    return target
+
+
 class KVService(service.Service):
     """
     Listens on one endpoint while running.
@@ -94,6 +122,7 @@ class KVService(service.Service):
         # Binding here lets a privileged port be taken before twistd drops
         # privileges, and makes a port in use fail start-up at once.
         super().privilegedStartService()
+        allowOpenFiles(self.factory.maxConnections + _SPARE_FILES, self._log)
         failures: list[BaseException] = []
         self._listen = self.endpoint.listen(self.factory).addCallbacks(
             self._listening, lambda f: failures.append(f.value)

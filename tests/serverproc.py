@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 _LISTENING = re.compile(r"kvstore listening on (?:IPv[46]Address\(type='TCP', host='([^']+)', port=(\d+)\)|\S+)")
 
@@ -69,6 +70,7 @@ def start_server(
     cwd: str | os.PathLike[str] | None = None,
     port: str = "tcp:0:interface=127.0.0.1",
     wait: bool = True,
+    **popen: Any,
 ) -> ServerProcess:
     """Start ``twistd -n kvstore`` with ``extra_args``; port 0 lets the kernel pick a free port."""
     logDir = Path(tempfile.mkdtemp(prefix="kvtwist-server-"))
@@ -76,7 +78,7 @@ def start_server(
     args = [twistd(), "-n", "--pidfile=", "kvstore", "--port", port, *extra_args]
     with open(logPath, "wb") as log:
         proc = subprocess.Popen(
-            args, cwd=cwd or logDir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            args, cwd=cwd or logDir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen
         )
     server = ServerProcess(proc, logPath)
     if wait:

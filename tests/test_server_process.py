@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
 import signal
 import socket
@@ -226,6 +227,25 @@ def test_connection_limit() -> None:
                 break
         assert reply == [b"Key not found"]
     finally:
+        server.stop()
+
+
+def test_server_raises_a_low_open_file_limit() -> None:
+    # Started with room for only 200 descriptors, the server must lift its
+    # own soft limit to serve --max-connections clients.
+    def lowLimit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    server = start_server("--max-connections", "400", preexec_fn=lowLimit)
+    sockets = []
+    try:
+        for i in range(300):
+            sockets.append(server.connect())
+            sockets[-1].sendall(b"put %d 1\n" % i)
+        assert all(exchange(s, b"", 1) == [b"OK"] for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
         server.stop()
 
 
