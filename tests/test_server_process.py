@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -83,6 +86,33 @@ def test_sample_session_through_the_c_client(kvserver: ServerProcess, client_bin
                             input=SESSION_INPUT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout == SESSION_OUTPUT
+
+
+def test_c_client_in_a_terminal_shows_the_sample_session(kvserver: ServerProcess, client_binary: Path) -> None:
+    # A pseudo-terminal echoes what is typed, exactly as a person sees it.
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([str(client_binary), kvserver.host, str(kvserver.port)],
+                            stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    screen = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal screen
+        while screen.count(marker) < count:
+            ready, _, _ = select.select([primary], [], [], 10)
+            assert ready, f"client stalled; screen so far: {screen!r}"
+            screen += os.read(primary, 4096)
+
+    try:
+        for n, line in enumerate(SESSION_INPUT.splitlines(), start=1):
+            read_until(b"Enter request: ", n)
+            os.write(primary, line.encode() + b"\n")
+        assert proc.wait(10) == 0
+        read_until(b"Goodbye", 1)
+    finally:
+        proc.kill()
+        os.close(primary)
+    assert screen.replace(b"\r\n", b"\n").decode() == SESSION_OUTPUT
 
 
 def test_c_client_says_bye_at_end_of_input(kvserver: ServerProcess, client_binary: Path) -> None:
