@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kvtwist.journal import MAGIC as JOURNAL_MAGIC
 from kvtwist.journal import JournalWriter, encode_header
@@ -81,12 +82,14 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomically(dirpath: str, name: str, data: bytes, crashpoint=lambda step: None) -> None:
+def write_file_atomically(
+    dirpath: str, name: str, data: bytes, crashpoint: Callable[[str], None] = lambda step: None, label: str = "file"
+) -> None:
     """Create ``name`` with ``data`` so that a crash leaves it whole or absent.
 
     Written to a temporary name, fsynced, renamed, then the directory is
     fsynced.  ``crashpoint`` is called with a step name between the steps
-    (tests use it to kill the process there).
+    (tests use it to kill the process there), prefixed with ``label``.
     """
     final = os.path.join(dirpath, name)
     temp = final + TEMP_SUFFIX
@@ -94,16 +97,18 @@ def write_file_atomically(dirpath: str, name: str, data: bytes, crashpoint=lambd
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    crashpoint(f"{name}: written")
+    crashpoint(f"{label} written")
     os.replace(temp, final)
-    crashpoint(f"{name}: renamed")
+    crashpoint(f"{label} renamed")
     fsync_dir(dirpath)
 
 
-def create_journal(dirpath: str, generation: int, crashpoint=lambda step: None) -> JournalWriter:
+def create_journal(
+    dirpath: str, generation: int, crashpoint: Callable[[str], None] = lambda step: None
+) -> JournalWriter:
     """Create an empty journal for ``generation`` and open it for appending."""
     name = journal_name(generation)
-    write_file_atomically(dirpath, name, encode_header(JOURNAL_MAGIC, generation), crashpoint)
+    write_file_atomically(dirpath, name, encode_header(JOURNAL_MAGIC, generation), crashpoint, "new journal")
     return JournalWriter.open(os.path.join(dirpath, name))
 
 

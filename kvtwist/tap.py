@@ -11,7 +11,11 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamSer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from kvtwist.datadir import DataDirLocked
+from kvtwist.durable import DEFAULT_FSYNC, FSYNC_POLICIES, DurableService
+from kvtwist.journaled import JournaledStore
 from kvtwist.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST, KVFactory
+from kvtwist.recovery import RecoveryError
 
 
 def endpointDescription(port: str) -> str:
@@ -52,12 +56,23 @@ def _seconds(text: str) -> float:
 _seconds.coerceDoc = "Seconds; 0 means never."  # type: ignore[attr-defined]
 
 
+def _fsyncPolicy(text: str) -> str:
+    if text not in FSYNC_POLICIES:
+        raise usage.UsageError(f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, not {text!r}")
+    return text
+
+
+_fsyncPolicy.coerceDoc = "always: no reply before its write is on disk; everysec: at most a second lost on power loss; no: the OS decides."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     optParameters = [
         ["port", "p", "5000", "Where to listen: a port number or a server endpoint string (tcp:5000:interface=127.0.0.1, unix:/path, ssl:...)."],
         ["max-request", None, DEFAULT_MAX_REQUEST, "Longest request accepted, in bytes.", _positiveInt("max-request")],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Most connections served at once.", _positiveInt("max-connections")],
         ["idle-timeout", None, 0.0, "Close connections idle for this many seconds.", _seconds],
+        ["data", "d", None, "Keep the data in this directory (journal and snapshots); without it, memory only."],
+        ["fsync", None, DEFAULT_FSYNC, "With --data, when the journal is forced to disk: always, everysec or no.", _fsyncPolicy],
     ]
 
     def postOptions(self) -> None:
@@ -160,4 +175,26 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
         idleTimeout=config["idle-timeout"],
     )
     endpoint = endpoints.serverFromString(reactor, config["port"])
-    return KVService(endpoint, factory, config["port"])
+    listening = KVService(endpoint, factory, config["port"])
+    if not config["data"]:
+        return listening
+    durable = _openData(config["data"], config["fsync"], reactor)
+    factory.store = durable.journaled
+    factory.whenDurable = durable.whenDurable  # type: ignore[method-assign]
+    # MultiService stops its children in reverse order: stop listening
+    # first, then flush and close the journal.
+    top = service.MultiService()
+    durable.setServiceParent(top)
+    listening.setServiceParent(top)
+    return top
+
+
+def _openData(directory: str, fsync: str, reactor: IReactorCore) -> DurableService:
+    """Lock and recover the data directory, or exit with one line that says why."""
+    try:
+        journaled = JournaledStore.open(directory)
+    except (DataDirLocked, RecoveryError) as e:
+        raise SystemExit(f"kvstore: cannot start: {e}")
+    except OSError as e:
+        raise SystemExit(f"kvstore: cannot start: data directory {directory}: {e.strerror or e}")
+    return DurableService(journaled, fsync, reactor)

@@ -1,0 +1,214 @@
+"""The store with its journal: every change is journaled before it is applied.
+
+``JournaledStore`` has the ``Store`` interface, so the protocol talks to
+it unchanged.  A put or del that changes something is first appended to
+the journal (one write to the operating system), then applied to the
+in-memory ``Store``, which stays the source of truth for reads.  If the
+append fails, nothing is applied, and the store turns read-only.
+
+When records reach the disk (fsync) is not decided here but by the fsync
+policy in ``kvtwist.durable``, which is told of each append through
+``on_append``.  No Twisted imports.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+from kvtwist import compaction
+from kvtwist.datadir import DirectoryLock, create_journal, journal_name, snapshot_name
+from kvtwist.journal import JournalWriteError, JournalWriter, encode_del, encode_put
+from kvtwist.recovery import recover
+from kvtwist.store import Store, StoreError
+
+# Compact once the journals are at least this big and twice the snapshot.
+COMPACT_MIN_BYTES = 8 * 1024 * 1024
+COMPACT_RATIO = 2
+
+
+class JournaledStore:
+    """A ``Store`` whose changes are appended to a journal in a data directory."""
+
+    def __init__(
+        self,
+        dirpath: str,
+        store: Store,
+        writer: JournalWriter,
+        generation: int,
+        lock: DirectoryLock | None = None,
+        snapshot_size: int = 0,
+        journal_bytes: int = 0,
+        compact_min_bytes: int = COMPACT_MIN_BYTES,
+    ) -> None:
+        self.dirpath = dirpath
+        self.store = store
+        self.writer = writer
+        self.generation = generation
+        self.lock = lock
+        self.snapshot_size = snapshot_size
+        # Bytes in the journals that recovery would replay, older ones included.
+        self._older_journal_bytes = journal_bytes - writer.size
+        self.compact_min_bytes = compact_min_bytes
+        self.read_only_reason: str | None = None
+        self.compacting = False
+        self.on_append: Callable[[], None] = lambda: None
+        self.on_read_only: Callable[[str], None] = lambda reason: None
+        self.warnings: list[str] = []
+
+    @classmethod
+    def open(cls, dirpath: str, compact_min_bytes: int = COMPACT_MIN_BYTES) -> "JournaledStore":
+        """Lock ``dirpath``, recover its contents, and get ready to append.
+
+        Raises ``DataDirLocked`` or ``RecoveryError`` with a message for
+        the operator; ``warnings`` lists what recovery dropped.
+        """
+        os.makedirs(dirpath, exist_ok=True)
+        lock = DirectoryLock(dirpath)
+        lock.acquire()
+        try:
+            recovered = recover(dirpath)
+            for path in recovered.obsolete:
+                os.remove(path)
+            generation = recovered.journal_generation
+            if generation is None:
+                generation = max(recovered.snapshot_generation, 1)
+                writer = create_journal(dirpath, generation)
+            else:
+                writer = JournalWriter.open(os.path.join(dirpath, journal_name(generation)))
+            store = Store()
+            put = store.put
+            for key, value in recovered.data.items():
+                put(key, value)
+        except BaseException:
+            lock.release()
+            raise
+        journaled = cls(
+            dirpath, store, writer, generation, lock,
+            recovered.snapshot_size, recovered.journal_bytes, compact_min_bytes,
+        )
+        journaled.warnings = recovered.warnings
+        return journaled
+
+    # The Store interface
+
+    def put(self, key: int, value: int) -> bool:
+        self._check_writable()
+        if key in self.store:
+            return False
+        self._append(encode_put(key, value))
+        return self.store.put(key, value)
+
+    def delete(self, key: int) -> bool:
+        self._check_writable()
+        if key not in self.store:
+            return False
+        self._append(encode_del(key))
+        return self.store.delete(key)
+
+    def get(self, key: int) -> int | None:
+        return self.store.get(key)
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        return self.store.items()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.store
+
+    # Journaling
+
+    def _check_writable(self) -> None:
+        if self.read_only_reason is not None:
+            raise StoreError(f"store is read-only ({self.read_only_reason})")
+
+    def _append(self, record: bytes) -> None:
+        try:
+            self.writer.append(record)
+        except JournalWriteError as e:
+            self.turn_read_only(f"journal write failed: {e}")
+            raise StoreError(f"store is read-only ({self.read_only_reason})") from e
+        self.on_append()
+
+    def turn_read_only(self, reason: str) -> None:
+        """Refuse all further changes; reads go on.  Only a restart undoes it."""
+        if self.read_only_reason is None:
+            self.read_only_reason = reason
+            self.on_read_only(reason)
+
+    def sync(self) -> None:
+        """Make every journaled change durable; on failure turn read-only and re-raise."""
+        try:
+            self.writer.sync()
+        except OSError as e:
+            self.turn_read_only(f"journal fsync failed: {e.strerror or e}")
+            raise
+
+    @property
+    def unsynced(self) -> bool:
+        return self.writer.unsynced > 0
+
+    def close(self) -> None:
+        """Sync (unless read-only), close the journal and release the lock."""
+        try:
+            if self.read_only_reason is None and self.unsynced:
+                self.sync()
+        finally:
+            self.writer.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    # Compaction
+
+    @property
+    def journal_bytes(self) -> int:
+        """Bytes of journal that recovery would replay now."""
+        return self._older_journal_bytes + self.writer.size
+
+    def wants_compaction(self) -> bool:
+        return (
+            not self.compacting
+            and self.read_only_reason is None
+            and self.journal_bytes >= max(self.compact_min_bytes, COMPACT_RATIO * self.snapshot_size)
+        )
+
+    def compaction(
+        self, crashpoint: compaction.Crashpoint = compaction.no_crash, chunk: int = compaction.CHUNK
+    ) -> Iterator[compaction.Blocking | None]:
+        """Start a new journal now, and return the steps that write the snapshot.
+
+        The switch to the new journal happens before this returns (it is
+        quick); the snapshot is then written as the caller drives the steps.
+        """
+        self.writer.sync()
+        crashpoint("old journal synced")
+        generation = self.generation + 1
+        new = create_journal(self.dirpath, generation, crashpoint)
+        crashpoint("new journal durable")
+        old, self.writer = self.writer, new
+        self._older_journal_bytes += old.size
+        old.close()
+        self.generation = generation
+        self.compacting = True
+        keys = _key_list(self.store)
+        return self._compaction_steps(generation, keys, crashpoint, chunk)
+
+    def _compaction_steps(
+        self, generation: int, keys: list[int], crashpoint: compaction.Crashpoint, chunk: int
+    ) -> Iterator[compaction.Blocking | None]:
+        try:
+            yield from compaction.snapshot_steps(self.dirpath, generation, keys, self.store.get, crashpoint, chunk)
+            self.snapshot_size = os.path.getsize(os.path.join(self.dirpath, snapshot_name(generation)))
+            self._older_journal_bytes = 0
+        finally:
+            self.compacting = False
+
+
+def _key_list(store: Store) -> list[int]:
+    """Every key in ``store`` now, as a list that does not change with it."""
+    keys = getattr(store, "keys", None)
+    if keys is not None:
+        return list(keys())
+    return [key for key, _ in store.items()]
