@@ -1,0 +1,126 @@
+"""
+The ``kvtwist-check`` command.
+
+It runs every check against ``HOST PORT`` on the Twisted reactor, prints
+progress on stderr while it works, and then the report on stdout. Exit
+status: 0 when every check passed, 1 when any failed, 2 for a usage error or
+a server that cannot be reached at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence, TextIO
+
+from twisted.internet.task import react
+
+from kvtwist.check.report import allPassed, renderJSON, renderText
+from kvtwist.check.runner import runChecks
+from kvtwist.check.target import ASSIGNMENT, PROFILES, Settings, Target
+
+PROGRAM = "kvtwist-check"
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port number: {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    arguments = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Check that a key-value server speaking the kvtwist protocol conforms to it "
+        "and behaves as one atomic store shared by concurrent clients.",
+        epilog="Exit status: 0 all checks passed, 1 a check failed, 2 usage error or server unreachable. "
+        "The checker writes and deletes keys: do not point it at data you need.",
+    )
+    arguments.add_argument("host", help="server host name or address")
+    arguments.add_argument("port", type=_port, help="server TCP port")
+    arguments.add_argument("--clients", type=_positive(int), default=50, help="concurrent clients (default 50)")
+    arguments.add_argument(
+        "--duration", type=_positive(float), default=10.0, help="seconds of concurrent workload (default 10)"
+    )
+    arguments.add_argument("--keys", type=_positive(int), default=8, help="shared keys in the workload (default 8)")
+    arguments.add_argument("--seed", type=int, help="seed for every random choice (default: a random one, reported)")
+    arguments.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
+    arguments.add_argument(
+        "--profile", choices=PROFILES, default=ASSIGNMENT,
+        help="assignment: only what the assignment mandates (default); kvtwist: also docs/protocol.md's stricter rules",
+    )
+    arguments.add_argument(
+        "--timeout", type=_positive(float), default=5.0,
+        help="seconds a reply may take before it counts as missing (default 5)",
+    )
+    return arguments
+
+
+def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
+    """The run's settings and the JSON path; exits with status 2 on a usage error."""
+    options = parser().parse_args(argv)
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(10**6)
+    settings = Settings(
+        host=options.host,
+        port=options.port,
+        clients=options.clients,
+        duration=options.duration,
+        keys=options.keys,
+        seed=seed,
+        profile=options.profile,
+        timeout=options.timeout,
+    )
+    return settings, options.json
+
+
+def _progress(stream: TextIO) -> Any:
+    started = time.monotonic()
+
+    def show(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {line}", file=stream, flush=True)
+
+    return show
+
+
+async def run(
+    reactor: Any, settings: Settings, jsonPath: Path | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Run every check and print the report; the exit status."""
+    target = Target(reactor, settings, _progress(err))
+    try:
+        client = await target.client()
+    except Exception as e:
+        print(f"{PROGRAM}: cannot connect to {target.address}: {e}", file=err)
+        return 2
+    client.transport.loseConnection()
+    target.progress(f"checking {target.address} with profile {settings.profile}, seed {settings.seed}")
+    results = await runChecks(target)
+    out.write(renderText(target.address, settings.shown(), results))
+    if jsonPath is not None:
+        jsonPath.write_text(renderJSON(target.address, settings.shown(), results))
+    return 0 if allPassed(results) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    settings, jsonPath = parseSettings(sys.argv[1:] if argv is None else argv)
+
+    async def checked(reactor: Any) -> None:
+        raise SystemExit(await run(reactor, settings, jsonPath))
+
+    react(checked)

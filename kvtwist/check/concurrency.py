@@ -1,0 +1,168 @@
+"""
+Concurrency and atomicity: many clients, one shared keyspace, a recorded history.
+
+``--clients`` connections each send the seeded random mix of put, get and
+del (see ``workload``) on ``--keys`` shared keys for ``--duration``
+seconds, one request at a time, recording when each request was sent and
+when its reply came. The history is then checked twice:
+
+- every request got a reply the protocol allows for it;
+- the history is linearizable per key (``linearizability``): the server
+  behaved as one atomic store that every client shares.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.task import LoopingCall
+
+from kvtwist.client import KVClient
+from kvtwist.check import linearizability, workload
+from kvtwist.check.history import Operation, Outcome
+from kvtwist.check.report import CheckResult, failed, passed
+from kvtwist.check.target import Target
+
+GROUP = "concurrency"
+#: At most this many offending operations are printed per failure.
+SHOWN = 10
+
+
+async def connectAll(target: Target, count: int) -> tuple[list[KVClient], list[str]]:
+    """``count`` connections opened at once; the clients and the errors of those that failed."""
+    outcomes = await DeferredList([target.client() for _ in range(count)], consumeErrors=True)
+    clients = [value for ok, value in outcomes if ok]
+    errors = [value.getErrorMessage() for ok, value in outcomes if not ok]
+    return clients, errors
+
+
+async def recordHistory(target: Target) -> tuple[list[Operation], list[str]]:
+    """Run the workload; the history, and errors from connecting."""
+    settings = target.settings
+    clock = target.clock
+    keys = workload.keys(settings.seed, "shared", settings.keys)
+    clients, errors = await connectAll(target, settings.clients)
+    operations: list[Operation] = []
+    start = clock()
+    end = start + settings.duration
+
+    async def run(index: int, client: KVClient) -> None:
+        for request in workload.clientRequests(settings.seed, index, keys):
+            if clock() >= end:
+                break
+            call = clock()
+            try:
+                text: str | None = await client.request(request.line)
+            except Exception:
+                text = None
+            ret = clock() if text is not None else math.inf
+            operations.append(
+                Operation(index, request.verb, request.key, request.value, call - start, ret - start, text)
+            )
+            if text is None:
+                return
+        try:
+            await client.bye()
+        except Exception:
+            client.transport.abortConnection()
+
+    def report() -> None:
+        target.progress(
+            f"concurrency: {clock() - start:5.1f} s of {settings.duration:g}, "
+            f"{len(clients)} clients, {len(operations)} operations"
+        )
+
+    ticker = LoopingCall(report)
+    ticker.clock = target.reactor
+    ticker.start(1.0, now=False)
+
+    def giveUp() -> None:
+        # A server that stopped answering would keep us here forever.
+        for client in clients:
+            if client.transport.connected:
+                client.transport.abortConnection()
+
+    deadline = target.reactor.callLater(settings.duration + 2 * settings.timeout, giveUp)
+    try:
+        await DeferredList([ensureDeferred(run(index, client)) for index, client in enumerate(clients)])
+    finally:
+        ticker.stop()
+        if deadline.active():
+            deadline.cancel()
+    report()
+    return operations, errors
+
+
+def checkReplies(operations: list[Operation], clients: int, errors: list[str]) -> CheckResult:
+    """Every client connected, and every request got a reply the protocol allows for it."""
+    name = "replies"
+    if errors:
+        return failed(GROUP, name, f"{len(errors)} of {clients} clients could not connect", sorted(set(errors))[:SHOWN])
+    missing = [op for op in operations if op.reply is None]
+    wrong = [op for op in operations if op.reply is not None and op.outcome is Outcome.UNKNOWN]
+    if wrong:
+        return failed(
+            GROUP, name, f"{len(wrong)} replies the protocol does not allow for their request",
+            [op.describe() for op in wrong[:SHOWN]],
+        )
+    if missing:
+        return failed(
+            GROUP, name, f"{len(missing)} requests never got a reply (the connection stalled or was lost)",
+            [op.describe() for op in missing[:SHOWN]],
+        )
+    latencies = sorted(op.ret - op.call for op in operations)
+    stats = {}
+    if latencies:
+        stats = {
+            "operations": len(operations),
+            "median_latency_ms": round(statistics.median(latencies) * 1000, 3),
+            "p99_latency_ms": round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 3),
+        }
+    return passed(GROUP, name, f"all {len(operations)} requests of {clients} clients got valid replies", **stats)
+
+
+def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResult:
+    name = "linearizability"
+    keys = len({op.key for op in operations})
+    target.progress(f"concurrency: checking linearizability of {len(operations)} operations on {keys} keys")
+    started = target.clock()
+    verdicts = linearizability.checkHistory(operations)
+    stats = {"operations": len(operations), "keys": keys, "check_seconds": round(target.clock() - started, 3)}
+    bad = [verdict for verdict in verdicts if not verdict.linearizable]
+    if not bad:
+        return passed(
+            GROUP, name,
+            f"the {len(operations)} operations on {keys} keys are linearizable: one atomic store shared by all clients",
+            **stats,
+        )
+    evidence = []
+    for verdict in bad:
+        if not verdict.witness:
+            evidence.append(f"key {verdict.key}: also not linearizable ({verdict.operations} operations)")
+            continue
+        shrunk = "a minimal set" if verdict.minimal else "a set (not fully shrunk in the time allowed)"
+        evidence.append(
+            f"key {verdict.key} ({verdict.operations} operations): {shrunk} of replies that cannot all be right;"
+        )
+        evidence.append("  no order of the key's operations that respects their times gives all of these:")
+        evidence.extend(f"    {op.describe()}" for op in verdict.witness)
+        if verdict.context:
+            evidence.append("  operations that changed the key meanwhile (their replies are not needed to show it):")
+            evidence.extend(f"    {op.describe()}" for op in verdict.context[:SHOWN])
+            if len(verdict.context) > SHOWN:
+                evidence.append(f"    ... and {len(verdict.context) - SHOWN} more")
+    return failed(
+        GROUP, name, f"{len(bad)} of {len(verdicts)} keys have a history that is not linearizable", evidence, **stats
+    )
+
+
+async def checkConcurrency(target: Target) -> list[CheckResult]:
+    settings = target.settings
+    target.progress(
+        f"concurrency: {settings.clients} clients on {settings.keys} shared keys for {settings.duration:g} s"
+    )
+    operations, errors = await recordHistory(target)
+    replies = target.finished(checkReplies(operations, settings.clients, errors))
+    return [replies, target.finished(checkLinearizable(target, operations))]

@@ -1,0 +1,114 @@
+"""
+What happened during a run: every operation with its start, end and reply.
+
+The concurrency checks record one ``Operation`` per request. The
+linearizability checker only needs the ``verb``, ``key``, ``value``, the
+time interval and the ``outcome``; the raw ``reply`` is kept so a failure
+can be shown exactly as the server sent it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+from kvtwist.client import valueOf
+
+PUT = "put"
+GET = "get"
+DEL = "del"
+
+
+class Outcome(enum.Enum):
+    """What a reply means for the store, independent of its exact text."""
+
+    OK = "OK"
+    EXISTS = "Key already exists"
+    NOT_FOUND = "Key not found"
+    #: No reply arrived, or a reply the protocol does not allow for this
+    #: request: the operation may or may not have taken effect.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """
+    One request and its reply, as one client saw it.
+
+    ``call`` is when the request was handed to the connection and ``ret``
+    when its reply arrived (``math.inf`` when none did), both in seconds on
+    one monotonic clock. The server must have executed the request at some
+    instant between the two.
+    """
+
+    client: int
+    verb: str
+    key: int
+    value: int | None
+    call: float
+    ret: float
+    reply: str | None
+
+    @property
+    def request(self) -> str:
+        """The request line as sent, without its line ending."""
+        if self.verb == PUT:
+            return f"put {self.key} {self.value}"
+        return f"{self.verb} {self.key}"
+
+    @property
+    def outcome(self) -> Outcome | int:
+        """
+        The reply decoded: an ``Outcome``, or for a successful get, the value.
+
+        A reply that this request cannot have (``Key already exists`` to a
+        get, an ``Error:`` line, garbage) decodes as ``Outcome.UNKNOWN``;
+        the concurrency check reports such replies on their own.
+        """
+        return decodeReply(self.verb, self.reply)
+
+    def describe(self) -> str:
+        """One line for a report: who, when, what was asked and answered."""
+        end = "never" if math.isinf(self.ret) else f"{self.ret:.6f}"
+        reply = "(no reply)" if self.reply is None else repr(self.reply)
+        return f"client {self.client:>3} [{self.call:.6f} .. {end}] {self.request!r} -> {reply}"
+
+
+_FIXED_REPLIES = {
+    PUT: {"OK": Outcome.OK, "Key already exists": Outcome.EXISTS},
+    DEL: {"OK": Outcome.OK, "Key not found": Outcome.NOT_FOUND},
+    GET: {"Key not found": Outcome.NOT_FOUND},
+}
+
+
+def decodeReply(verb: str, reply: str | None) -> Outcome | int:
+    """The meaning of ``reply`` to a request with ``verb`` (see ``Operation.outcome``)."""
+    if reply is None:
+        return Outcome.UNKNOWN
+    fixed = _FIXED_REPLIES[verb].get(reply)
+    if fixed is not None:
+        return fixed
+    if verb == GET:
+        value = valueOf(reply)
+        if value is not None:
+            return value
+    return Outcome.UNKNOWN
+
+
+def byKey(operations: Iterable[Operation]) -> dict[int, list[Operation]]:
+    """
+    The operations grouped per key, each group in call order.
+
+    Keys are independent registers, so a history is linearizable exactly
+    when each key's sub-history is (linearizability is compositional); the
+    checker therefore never has to search across keys.
+    """
+    groups: dict[int, list[Operation]] = defaultdict(list)
+    for operation in operations:
+        groups[operation.key].append(operation)
+    for group in groups.values():
+        group.sort(key=lambda operation: (operation.call, operation.ret))
+    return dict(groups)

@@ -1,0 +1,111 @@
+"""
+Robustness: a misbehaving client must not hurt the others.
+
+While a few well-behaved clients keep working on their own keys (checking
+every reply and its delay), an attacker sends a far too long line, or
+garbage bytes, or drops connections abruptly in the middle of requests.
+Afterwards a new client must still be served correctly. What the attacker
+itself gets back is not judged here (the kvtwist profile's conformance
+checks judge the too-long reply).
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
+
+from kvtwist.check import workload
+from kvtwist.check.conformance import sampleSession
+from kvtwist.check.probe import Transcript
+from kvtwist.check.report import CheckResult, failed, passed
+from kvtwist.check.script import runScript
+from kvtwist.check.serving import conversation
+from kvtwist.check.target import Target
+
+GROUP = "robustness"
+VICTIMS = 3
+LONG_LINE = 1 << 20
+GARBAGE = 1 << 16
+
+
+async def _tooLongLine(target: Target, transcript: Transcript) -> None:
+    attacker = await target.probe("attacker", transcript)
+    attacker.send(b"put 1 " + b"9" * LONG_LINE)
+    await attacker.waitClosed(0.5)
+    attacker.close()
+
+
+async def _garbage(target: Target, transcript: Transcript) -> None:
+    attacker = await target.probe("attacker", transcript)
+    data = workload.garbage(target.settings.seed, GARBAGE)
+    for offset in range(0, len(data), 4096):
+        attacker.send(data[offset : offset + 4096])
+    await attacker.waitClosed(0.5)
+    attacker.close()
+
+
+async def _abruptDisconnects(target: Target, transcript: Transcript) -> None:
+    """Connections reset at once, in the middle of a request, and with unread replies."""
+    pipelined = b"get 1\n" * 2000
+
+    async def one(index: int) -> None:
+        attacker = await target.probe(f"attacker {index}", transcript)
+        if index % 3 == 1:
+            attacker.send(b"put 12345 6")
+        elif index % 3 == 2:
+            attacker.send(pipelined)
+        attacker.abort()
+
+    await DeferredList([ensureDeferred(one(index)) for index in range(30)], consumeErrors=True)
+
+
+async def underAttack(
+    target: Target, name: str, attack: Callable[[Target, Transcript], Awaitable[None]]
+) -> CheckResult:
+    """Run victims while ``attack`` runs; then check their replies and a fresh client."""
+    transcript = Transcript()
+    keys = workload.keys(target.settings.seed, f"robustness/{name}", VICTIMS)
+    attacked = False
+
+    async def victim(key: int) -> CheckResult:
+        # Keep working until one round has run entirely after the attack.
+        while True:
+            last = attacked
+            result = await runScript(target, GROUP, conversation(key))
+            if last or not result.passed:
+                return result
+
+    victims = [ensureDeferred(victim(key)) for key in keys]
+    try:
+        await attack(target, transcript)
+    except Exception as e:
+        transcript.note(f"attacker: {e}")
+    attacked = True
+    results = await gatherResults(victims)
+    for result in results:
+        if not result.passed:
+            return failed(
+                GROUP, name, f"a well-behaved client suffered: {result.summary}", transcript.lines() + result.evidence
+            )
+    after = await runScript(target, GROUP, sampleSession())
+    if not after.passed:
+        return failed(
+            GROUP, name, f"afterwards a new client was not served correctly: {after.summary}",
+            transcript.lines() + after.evidence,
+        )
+    return passed(GROUP, name, f"{VICTIMS} clients working meanwhile, and a new client afterwards, were unaffected")
+
+
+async def checkRobustness(target: Target) -> list[CheckResult]:
+    attacks: list[tuple[str, Callable[[Target, Transcript], Awaitable[None]]]] = [
+        (f"a {LONG_LINE >> 20} MiB line", _tooLongLine),
+        (f"{GARBAGE >> 10} KiB of garbage bytes", _garbage),
+        ("abrupt disconnects", _abruptDisconnects),
+    ]
+    results = []
+    for name, attack in attacks:
+        target.progress(f"robustness: {name}")
+        results.append(target.finished(await underAttack(target, name, attack)))
+    return results
+

@@ -1,0 +1,99 @@
+"""
+The server under test and the settings of a run, shared by every check.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from kvtwist.client import KVClient, connect, hostEndpoint
+from kvtwist.check.probe import Probe, Transcript, openProbe
+from kvtwist.check.report import CheckResult
+
+ASSIGNMENT = "assignment"
+KVTWIST = "kvtwist"
+PROFILES = (ASSIGNMENT, KVTWIST)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the command line chose; every check reads its share."""
+
+    host: str
+    port: int
+    clients: int = 50
+    duration: float = 10.0
+    keys: int = 8
+    seed: int = 0
+    profile: str = ASSIGNMENT
+    #: How long a reply may take before it counts as missing. Generous,
+    #: because a loaded machine can be slow; a server that serves one client
+    #: at a time never answers at all, however long one waits.
+    timeout: float = 5.0
+
+    def shown(self) -> dict[str, Any]:
+        """The settings a report prints (enough to repeat the run)."""
+        return {
+            "profile": self.profile,
+            "seed": self.seed,
+            "clients": self.clients,
+            "duration": self.duration,
+            "keys": self.keys,
+            "timeout": self.timeout,
+        }
+
+
+class Target:
+    """
+    Connections to the server under test, the clock, and progress output.
+
+    ``reactor`` provides IReactorTCP and IReactorTime (any real reactor).
+    ``clock`` is monotonic and is what operation times in a history are
+    measured with; ``progress`` takes one line of text for the user.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: Settings,
+        progress: Callable[[str], None] = lambda line: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.progress = progress
+        self.clock = clock
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+
+    @property
+    def strict(self) -> bool:
+        """Whether the stricter rules of this project's protocol specification apply."""
+        return self.settings.profile == KVTWIST
+
+    def _endpoint(self) -> Any:
+        return hostEndpoint(self.reactor, self.settings.host, self.settings.port, self.settings.timeout)
+
+    def client(self) -> Deferred[KVClient]:
+        """A new connected ``KVClient``."""
+        return connect(self._endpoint())
+
+    def probe(self, name: str, transcript: Transcript) -> Deferred[Probe]:
+        """A new connected raw ``Probe`` writing into ``transcript``."""
+        return openProbe(self.reactor, self._endpoint(), name, transcript)
+
+    def sleep(self, seconds: float) -> Deferred[None]:
+        return deferLater(self.reactor, seconds)
+
+    def finished(self, result: CheckResult) -> CheckResult:
+        """Tell the user a check is done; returns ``result`` for chaining."""
+        self.progress(f"{'PASS' if result.passed else 'FAIL'}  {result.title}")
+        return result
