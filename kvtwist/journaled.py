@@ -151,11 +151,17 @@ class JournaledStore:
         return self.writer.unsynced > 0
 
     def close(self) -> None:
-        """Sync (unless read-only), close the journal and release the lock."""
+        """Sync (unless read-only), close the journal and release the lock.
+
+        Requests that still arrive while the server shuts down get a
+        read-only error: nothing is appended to a closed journal.
+        """
         try:
             if self.read_only_reason is None and self.unsynced:
                 self.sync()
         finally:
+            if self.read_only_reason is None:
+                self.read_only_reason = "the server is shutting down"
             self.writer.close()
             if self.lock is not None:
                 self.lock.release()
