@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from twisted.internet import interfaces
+from twisted.internet import interfaces, tcp
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -240,7 +240,37 @@ class KVProtocol(Protocol, TimeoutMixin):
     # Replies
 
     def _respond(self, replies: bytes) -> None:
-        self.factory.whenDurable(self.transport.write, replies)
+        self.factory.whenDurable(self._send, replies)
+
+    def _send(self, replies: bytes) -> None:
+        """
+        Write a batch of replies, straight to the socket when that is safe.
+
+        ``transport.write`` only queues: the bytes leave on a later reactor
+        turn, after one epoll_ctl to watch the socket for writability and one
+        to stop. For small replies that costs about a quarter of the server's
+        CPU (docs/performance.md). So on a plain TCP connection with nothing
+        queued, the replies go to the kernel at once and only what it does
+        not take is queued. Sending only when the queue is empty keeps the
+        order; TLS and any other transport always take the ordinary path.
+        """
+        transport = self.transport
+        if (
+            type(transport) is tcp.Server
+            and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer
+            # Twisted keeps fresh writes in this list until its next send.
+            and not transport._tempDataLen
+        ):
+            sent = transport.writeSomeData(replies)
+            # An exception instead of a count means the connection is gone;
+            # the reactor finds that out on its own, as for any write.
+            if isinstance(sent, int):
+                if sent == len(replies):
+                    return
+                replies = replies[sent:]
+        transport.write(replies)
 
     def _finish(self, replies: bytes) -> None:
         """Send the last replies, then close once they are flushed."""

@@ -1,0 +1,108 @@
+"""
+The direct-send fast path of KVProtocol, on real TCP sockets.
+
+The transports are real ``tcp.Server`` objects over a connected loopback
+socket pair, driven by hand on a MemoryReactor: what the reactor would do
+later is visible as "registered for writing", and nothing runs unless the
+test calls it.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.testing import MemoryReactor
+
+from kvtwist.protocol import KVFactory, KVProtocol
+
+
+class Pair:
+    def __init__(self, sndbuf: int | None = None) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.client = socket.create_connection(listener.getsockname())
+            serverSock, addr = listener.accept()
+        if sndbuf:
+            serverSock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+        serverSock.setblocking(False)
+        self.reactor = MemoryReactor()
+        self.protocol: KVProtocol = KVFactory().buildProtocol(addr)  # type: ignore[assignment]
+        self.transport = tcp.Server(serverSock, self.protocol, addr, None, 1, self.reactor)  # type: ignore[arg-type]
+        self.protocol.makeConnection(self.transport)
+
+    def queued(self) -> bool:
+        return self.transport in self.reactor.getWriters()
+
+    def received(self) -> bytes:
+        self.client.setblocking(False)
+        data = b""
+        while True:
+            try:
+                chunk = self.client.recv(1 << 16)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def close(self) -> None:
+        self.client.close()
+        self.transport.socket.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    yield p
+    p.close()
+
+
+def test_replies_leave_without_a_reactor_turn(pair: Pair) -> None:
+    pair.protocol.dataReceived(b"put 1 2\nget 1\n")
+    assert not pair.queued()
+    assert pair.received() == b"OK\n2\n"
+
+
+def test_what_the_kernel_refuses_is_queued_and_order_is_kept() -> None:
+    pair = Pair(sndbuf=4096)
+    try:
+        pair.protocol.dataReceived(b"put 7 1234567\n")
+        many = 20000
+        pair.protocol.dataReceived(b"get 7\n" * many)
+        # The socket buffers are small: the kernel took only part of it.
+        assert pair.queued()
+        # A later batch must wait behind the queue, not jump ahead of it.
+        pair.protocol.dataReceived(b"get 8\n")
+        stream = b""
+        deadline = time.monotonic() + 30
+        while pair.queued() and time.monotonic() < deadline:
+            stream += pair.received()
+            # What the reactor does once the socket is writable again.
+            select.select([], [pair.transport.socket], [], 0.05)
+            pair.transport.doWrite()
+        expected = b"OK\n" + b"1234567\n" * many + b"Key not found\n"
+        # The kernel may still hold the tail of it.
+        pair.client.settimeout(5)
+        while len(stream) < len(expected):
+            chunk = pair.client.recv(1 << 16)
+            if not chunk:
+                break
+            stream += chunk
+        assert stream == expected
+    finally:
+        pair.close()
+
+
+def test_other_transports_take_the_ordinary_path() -> None:
+    from twisted.internet.testing import StringTransport
+
+    protocol = KVFactory().buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"get 1\n")
+    assert transport.value() == b"Key not found\n"
