@@ -23,7 +23,9 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
     p.add_argument("--only", default="", help="comma-separated scenario keys to run (default all)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.md and plots")
-    p.add_argument("--server-python", default=sys.executable, help="interpreter that runs kvtwist (e.g. pypy3)")
+    p.add_argument("--server-python", default=sys.executable, help="interpreter that runs kvtwist (default: this one)")
+    p.add_argument("--pypy", default=None, metavar="INTERPRETER",
+                   help="also measure kvtwist on this PyPy (it needs Twisted installed)")
     p.add_argument("--no-redis", action="store_true", help="do not start redis-server even if installed")
     p.add_argument("--no-durable", action="store_true", help="leave out the --fsync always comparison")
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     redis = None if args.no_redis else shutil.which("redis-server")
     if redis is None:
         say("redis-server not found: measuring kvtwist alone, no ratios")
-    options = servers.Options(python=args.server_python, redis=redis, cserver=cserver)
+    options = servers.Options(python=args.server_python, pypy=args.pypy, redis=redis, cserver=cserver)
 
     measurements = runner.runPlan(scenarios, options, kvbench, say)
     # Scenarios as run: without the servers that were not available.
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     report.writeJson(
         args.out / "results.json",
         command=["python", "-m", "kvtwist.bench", *(sys.argv[1:] if argv is None else argv)],
-        machine=report.machine(args.server_python, redis),
+        machine=report.machine(args.server_python, args.pypy, redis),
         plan=ran, summary=rows, targets=verdicts, measurements=measurements,
     )
     (args.out / "results.md").write_text(table + "\n\n" + report.formatVerdicts(verdicts) + "\n")

@@ -40,7 +40,8 @@ class Scenario:
     key: str
     title: str
     load: Load
-    servers: tuple[str, ...] = ("kvtwist", "redis")
+    # Kinds from kvtwist.bench.servers; those not available in a run are skipped.
+    servers: tuple[str, ...] = ("kvtwist", "kvtwist-pypy", "redis")
     rounds: int = 5
     memory: bool = False
     targets: tuple[Target, ...] = field(default=())
@@ -71,7 +72,7 @@ def fullPlan(rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durabl
     )
     if durable:
         plan.append(
-            Scenario("always", "50 conns, fsync always", base, ("kvtwist-always", "redis-always"),
+            Scenario("always", "50 conns, fsync always", base, ("kvtwist-always", "kvtwist-pypy-always", "redis-always"),
                      rounds=rounds, targets=(Target("rps", ">=", 1.0),))
         )
     return plan
@@ -91,6 +92,6 @@ def quickPlan(durable: bool = True) -> list[Scenario]:
                  rounds=1, memory=True, targets=(Target("rssPerKey", "<=", 1.0),)),
     ]
     if durable:
-        plan.append(Scenario("always", "2 conns, fsync always", tiny, ("kvtwist-always", "redis-always"), rounds=1,
+        plan.append(Scenario("always", "2 conns, fsync always", tiny, ("kvtwist-always", "kvtwist-pypy-always", "redis-always"), rounds=1,
                              targets=(Target("rps", ">=", 1.0),)))
     return plan

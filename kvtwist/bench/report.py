@@ -126,7 +126,7 @@ def _firstLine(argv: list[str]) -> str:
         return "unknown"
 
 
-def machine(serverPython: str, redis: str | None) -> dict[str, object]:
+def machine(serverPython: str, pypy: str | None, redis: str | None) -> dict[str, object]:
     """What the figures were measured on: they mean nothing without it."""
     model = "unknown"
     try:
@@ -143,7 +143,8 @@ def machine(serverPython: str, redis: str | None) -> dict[str, object]:
         "cpu": model,
         "kernel": platform.release(),
         "python": platform.python_implementation() + " " + platform.python_version(),
-        "server_python": _firstLine([serverPython, "-VV"]) if serverPython else "unknown",
+        "server_python": _firstLine([serverPython, "-VV"]),
+        "pypy": " ".join(_firstLine([pypy, "-VV"]).split()) if pypy else "not measured",
         "twisted": twisted.__version__,
         "redis": _firstLine([redis, "--version"]) if redis else "not installed",
     }

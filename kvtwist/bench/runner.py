@@ -128,8 +128,10 @@ def runPlan(plan: list[Scenario], options: servers.Options, kvbench: Path, progr
     available = set(servers.KINDS)
     if options.redis is None:
         available -= {"redis", "redis-always"}
+    if options.pypy is None:
+        available -= {"kvtwist-pypy", "kvtwist-pypy-always"}
     if not servers.kvtwistSupportsFsync():
-        available.discard("kvtwist-always")
+        available -= {"kvtwist-always", "kvtwist-pypy-always"}
     for i, scenario in enumerate(plan, 1):
         kinds = tuple(k for k in scenario.servers if k in available)
         skipped = set(scenario.servers) - set(kinds)

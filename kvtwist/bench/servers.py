@@ -62,6 +62,7 @@ class Options:
     """What the starters need beyond the kind: interpreters and binaries."""
 
     python: str = sys.executable
+    pypy: str | None = None  # an interpreter with Twisted, for the kvtwist-pypy kinds
     redis: str | None = shutil.which("redis-server")
     cserver: Path | None = None
 
@@ -116,13 +117,16 @@ def _waitForPing(server: Server, timeout: float = 10.0) -> bool:
 
 
 def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
+    python = options.pypy if "pypy" in kind else options.python
+    if python is None:
+        raise ServerError("no PyPy interpreter given")
     argv = [
-        options.python, "-c", "from twisted.scripts.twistd import run; run()",
+        python, "-c", "from twisted.scripts.twistd import run; run()",
         "-n", "--pidfile=", "kvstore",
         "--port", f"tcp:0:interface={HOST}",
         "--max-connections", str(MAX_CONNECTIONS),
     ]
-    if kind == "kvtwist-always":
+    if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
     # The project root goes first on the path, so the server runs this very
     # kvtwist (and finds its twistd dropin) whatever is installed.
@@ -169,6 +173,8 @@ def _startCserver(kind: str, options: Options, workdir: Path) -> Server:
 _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     "kvtwist": _startKvtwist,
     "kvtwist-always": _startKvtwist,
+    "kvtwist-pypy": _startKvtwist,
+    "kvtwist-pypy-always": _startKvtwist,
     "redis": _startRedis,
     "redis-always": _startRedis,
     "cserver": _startCserver,
@@ -178,7 +184,12 @@ KINDS = tuple(_STARTERS)
 
 # Each kvtwist configuration is compared with the Redis configuration that
 # makes the same promise.
-BASELINE = {"kvtwist": "redis", "kvtwist-always": "redis-always"}
+BASELINE = {
+    "kvtwist": "redis",
+    "kvtwist-pypy": "redis",
+    "kvtwist-always": "redis-always",
+    "kvtwist-pypy-always": "redis-always",
+}
 
 
 def start(kind: str, options: Options) -> Server:
