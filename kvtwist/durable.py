@@ -21,6 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorCore, ITransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kvtwist.compaction import Blocking, Crashpoint, no_crash
 from kvtwist.journaled import JournaledStore
@@ -37,12 +38,17 @@ READ_ONLY_HELP = (
 _log = Logger()
 
 
-class _Gate:
-    """The ``everysec`` and ``no`` policies: replies never wait."""
+class _Policy:
+    """What the fsync policies share: fsyncs in the background, one at a time."""
 
-    def __init__(self, journaled: JournaledStore, reactor: Any) -> None:
+    def __init__(
+        self, journaled: JournaledStore, reactor: Any, runBlocking: Callable[[Callable[[], object]], defer.Deferred[Any]]
+    ) -> None:
         self.journaled = journaled
         self.reactor = reactor
+        self._runBlocking = runBlocking
+        self._inflight: defer.Deferred[Any] | None = None
+        self._idleWaiters: list[defer.Deferred[None]] = []
 
     def appended(self) -> None:
         pass
@@ -53,79 +59,140 @@ class _Gate:
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
+        """Stop syncing on our own; fires once no fsync is under way."""
+        return self.whenIdle()
+
+    def whenIdle(self) -> defer.Deferred[None]:
+        """Fire when no background fsync is under way (the journal may then be switched or closed)."""
+        if self._inflight is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def _syncInBackground(self) -> None:
+        """Start fsyncing, off the reactor, everything appended so far."""
+        target, sync = self.journaled.pending_sync()
+        self._inflight = self._runBlocking(sync)
+        self._inflight.addBoth(self._syncEnded, target)
+
+    def _syncEnded(self, result: object, target: int) -> None:
+        self._inflight = None
+        failed = isinstance(result, Failure)
+        if failed:
+            error = result.value
+            self.journaled.sync_failed(error if isinstance(error, OSError) else OSError(str(error)))
+        else:
+            self.journaled.mark_durable(target)
+        # Those who waited for the fsync to end (to switch or close the
+        # journal) go first, before the next fsync can start.
+        waiters, self._idleWaiters = self._idleWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if failed:
+            self._syncFailed()
+        else:
+            self._synced()
+
+    def _synced(self) -> None:
+        pass
+
+    def _syncFailed(self) -> None:
         pass
 
 
-class NoSync(_Gate):
-    """``--fsync no``."""
+class NoSync(_Policy):
+    """``--fsync no``: the operating system decides."""
 
 
-class EverySecond(_Gate):
+class EverySecond(_Policy):
     """``--fsync everysec``: fsync once a second, when anything was appended."""
 
     interval = 1.0
 
     def start(self) -> None:
-        self._timer = task.LoopingCall(self._sync)
+        self._timer = task.LoopingCall(self._tick)
         self._timer.clock = self.reactor
         self._timer.start(self.interval, now=False)
 
-    def _sync(self) -> None:
-        if self.journaled.read_only_reason is None and self.journaled.unsynced:
-            try:
-                self.journaled.sync()
-            except OSError:
-                pass  # the store is read-only now, and said so
+    def _tick(self) -> None:
+        journaled = self.journaled
+        if self._inflight is None and journaled.read_only_reason is None and journaled.unsynced:
+            self._syncInBackground()
 
-    def stop(self) -> None:
-        if self._timer.running:
-            self._timer.stop()
+    def stop(self) -> defer.Deferred[None]:
+        timer = getattr(self, "_timer", None)
+        if timer is not None and timer.running:
+            timer.stop()
+        return self.whenIdle()
 
 
-class Always(_Gate):
-    """``--fsync always``: group commit, one fsync per reactor turn."""
+class Always(_Policy):
+    """``--fsync always``: group commit.
 
-    def __init__(self, journaled: JournaledStore, reactor: Any) -> None:
-        super().__init__(journaled, reactor)
-        self._waiting: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
-        self._commit_call: Any = None
+    Each reply batch is tagged with the number of records appended when it
+    was produced, and leaves once an fsync has covered that many.  While
+    one fsync runs (in a thread), the reactor goes on reading and
+    journaling; the next fsync then covers all of that at once.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._waiting: deque[tuple[int, Callable[..., object], tuple[object, ...]]] = deque()
+        self._scheduled: Any = None
         self._failed = False
 
     def appended(self) -> None:
-        if self._commit_call is None:
-            self._commit_call = self.reactor.callLater(0, self.commit)
+        # Wait for the end of this reactor turn, so that one fsync covers
+        # every connection's writes of the turn.
+        if self._inflight is None and self._scheduled is None:
+            self._scheduled = self.reactor.callLater(0, self._commit)
 
     def whenDurable(self, f: Callable[..., object], *args: object) -> None:
-        if self._waiting or (self.journaled.unsynced and not self._failed):
-            self._waiting.append((f, args))
-            if self._commit_call is None:
-                self._commit_call = self.reactor.callLater(0, self.commit)
+        journaled = self.journaled
+        if self._failed or (not self._waiting and journaled.durable >= journaled.appended):
+            f(*args)
         else:
-            f(*args)
+            self._waiting.append((journaled.appended, f, args))
 
-    def commit(self) -> None:
-        """Fsync what was appended, then release the replies waiting for it, in order."""
-        if self._commit_call is not None and self._commit_call.active():
-            self._commit_call.cancel()
-        self._commit_call = None
+    def _commit(self) -> None:
+        self._scheduled = None
+        if self._inflight is None and not self._failed and self.journaled.unsynced:
+            self._syncInBackground()
+
+    def _synced(self) -> None:
+        durable = self.journaled.durable
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= durable:
+            _, f, args = waiting.popleft()
+            f(*args)
+        # What was appended during that fsync has replies waiting: go on.
+        self._commit()
+
+    def _syncFailed(self) -> None:
+        # These replies may acknowledge writes that are not on disk: they
+        # must not be sent.  Their clients see the connection close
+        # instead, as after a crash.
+        self._failed = True
         waiting, self._waiting = self._waiting, deque()
-        if self.journaled.unsynced and not self._failed:
-            try:
-                self.journaled.sync()
-            except OSError:
-                # These replies may acknowledge writes that are not on disk:
-                # they must not be sent.  Their clients see the connection
-                # close instead, as after a crash.
-                self._failed = True
-                for f, args in waiting:
-                    _abortConnectionOf(f)
-                return
-        for f, args in waiting:
-            f(*args)
+        for _, f, _args in waiting:
+            _abortConnectionOf(f)
 
-    def stop(self) -> None:
-        self.commit()
+    def stop(self) -> defer.Deferred[None]:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        return self.whenIdle().addCallback(lambda _: self._flush())
+
+    def _flush(self) -> None:
+        """Sync in the reactor (the last one) and send what is still waiting."""
+        if not self._failed and self.journaled.unsynced:
+            target, sync = self.journaled.pending_sync()
+            self._inflight = defer.maybeDeferred(sync)
+            self._inflight.addBoth(self._syncEnded, target)
+        elif not self._failed:
+            self._synced()
 
 
 def _abortConnectionOf(f: Callable[..., object]) -> None:
@@ -136,7 +203,7 @@ def _abortConnectionOf(f: Callable[..., object]) -> None:
         transport.abortConnection()
 
 
-POLICIES: dict[str, type[_Gate]] = {"always": Always, "everysec": EverySecond, "no": NoSync}
+POLICIES: dict[str, type[_Policy]] = {"always": Always, "everysec": EverySecond, "no": NoSync}
 
 
 class DurableService(service.Service):
@@ -161,11 +228,11 @@ class DurableService(service.Service):
         self.journaled = journaled
         self.fsync = fsync
         self.reactor = reactor
-        self.policy = POLICIES[fsync](journaled, reactor)
-        self.whenDurable = self.policy.whenDurable
         self._runBlocking = runBlocking or self._inThread
+        self.policy = POLICIES[fsync](journaled, reactor, self._runBlocking)
+        self.whenDurable = self.policy.whenDurable
         self._crashpoint = crashpoint
-        self._compaction: task.CooperativeTask | None = None
+        self._compaction: defer.Deferred[None] | None = None
         self._stopping = False
         self.longestCompactionStep = 0.0
         journaled.on_append = self._appended
@@ -196,21 +263,25 @@ class DurableService(service.Service):
 
     # Compaction
 
-    def compact(self) -> defer.Deferred[None]:
-        """Start a compaction (unless one runs); fires when it is over."""
+    def compact(self) -> None:
+        """Start a compaction, unless one is under way.
+
+        It waits for any background fsync to end, switches to a new journal
+        (quick), then writes the snapshot a piece per reactor turn.
+        """
         if self._compaction is not None:
-            return self._compaction.whenDone().addCallback(lambda _: None)
-        try:
-            steps = self.journaled.compaction(self._crashpoint)
-        except OSError as e:
-            self._compactionFailed(e)
-            return defer.succeed(None)
+            return
         started = time.monotonic()
+        self._compaction = self.policy.whenIdle()
+        self._compaction.addCallback(lambda _: self._startCompaction())
+        self._compaction.addCallbacks(lambda _: self._compacted(started), self._compactionFailed)
+
+    def _startCompaction(self) -> defer.Deferred[Any] | None:
+        if self._stopping:
+            return None
+        steps = self.journaled.compaction(self._crashpoint)
         cooperator = task.Cooperator(scheduler=lambda f: self.reactor.callLater(0, f))
-        self._compaction = cooperator.cooperate(self._drive(steps))
-        done = self._compaction.whenDone()
-        done.addCallbacks(lambda _: self._compacted(started), self._compactionFailed)
-        return done
+        return cooperator.cooperate(self._drive(steps)).whenDone()
 
     def _drive(self, steps: Iterator[Blocking | None]) -> Iterator[defer.Deferred[Any] | None]:
         while True:
@@ -234,11 +305,10 @@ class DurableService(service.Service):
                 seconds=time.monotonic() - started,
             )
 
-    def _compactionFailed(self, failure: Any) -> None:
+    def _compactionFailed(self, failure: Failure) -> None:
         self._compaction = None
-        error = getattr(failure, "value", failure)
-        _log.failure("kvstore: compaction failed", failure if hasattr(failure, "value") else None)
-        self.journaled.turn_read_only(f"compaction failed: {error}")
+        _log.failure("kvstore: compaction failed", failure)
+        self.journaled.turn_read_only(f"compaction failed: {failure.value}")
 
     # Stopping
 
@@ -246,18 +316,20 @@ class DurableService(service.Service):
         """Finish the compaction step under way, fsync, release waiting replies, close."""
         super().stopService()
         self._stopping = True
-        compaction = self._compaction
-        waited = compaction.whenDone() if compaction is not None else defer.succeed(None)
-        waited.addErrback(lambda f: None)
-        waited.addCallback(lambda _: self._close())
+        stopped: defer.Deferred[None] = defer.Deferred()
+        if self._compaction is None:
+            stopped.callback(None)
+        else:
+            self._compaction.addBoth(lambda _: stopped.callback(None))
+        stopped.addCallback(lambda _: self.policy.stop())
+        stopped.addCallback(lambda _: self._close())
         # Give the transports a reactor turn to write the released replies
         # before the reactor shuts down and drops the connections.
-        waited.addCallback(lambda _: task.deferLater(self.reactor, 0, lambda: None))
-        waited.addCallback(lambda _: task.deferLater(self.reactor, 0, lambda: None))
-        return waited
+        stopped.addCallback(lambda _: task.deferLater(self.reactor, 0, lambda: None))
+        stopped.addCallback(lambda _: task.deferLater(self.reactor, 0, lambda: None))
+        return stopped
 
     def _close(self) -> None:
-        self.policy.stop()
         try:
             self.journaled.close()
         except OSError as e:

@@ -185,7 +185,6 @@ class JournalWriter:
         self.path = path
         self._fd = fd
         self.size = size
-        self.unsynced = 0
 
     @classmethod
     def open(cls, path: str) -> "JournalWriter":
@@ -203,7 +202,6 @@ class JournalWriter:
             self._undo_partial()
             raise JournalWriteError(e.strerror or str(e)) from e
         self.size += len(record)
-        self.unsynced += 1
 
     def _undo_partial(self) -> None:
         # A partial record left in place would sit in the middle of the
@@ -216,9 +214,12 @@ class JournalWriter:
             pass
 
     def sync(self) -> None:
-        """Make every record written so far durable (fdatasync where available)."""
+        """Make every record written so far durable (fdatasync where available).
+
+        Safe to call from another thread while appends go on: what was
+        written before the call is durable when it returns.
+        """
         _datasync(self._fd)
-        self.unsynced = 0
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -52,6 +52,11 @@ class JournaledStore:
         self.compact_min_bytes = compact_min_bytes
         self.read_only_reason: str | None = None
         self.compacting = False
+        # Records appended so far, and how many of them are known durable.
+        self.appended = 0
+        self.durable = 0
+        # ``get`` goes straight to the store: reads are most of the traffic.
+        self.get: Callable[[int], int | None] = store.get
         self.on_append: Callable[[], None] = lambda: None
         self.on_read_only: Callable[[str], None] = lambda reason: None
         self.warnings: list[str] = []
@@ -106,9 +111,6 @@ class JournaledStore:
         self._append(encode_del(key))
         return self.store.delete(key)
 
-    def get(self, key: int) -> int | None:
-        return self.store.get(key)
-
     def items(self) -> Iterator[tuple[int, int]]:
         return self.store.items()
 
@@ -130,6 +132,7 @@ class JournaledStore:
         except JournalWriteError as e:
             self.turn_read_only(f"journal write failed: {e}")
             raise StoreError(f"store is read-only ({self.read_only_reason})") from e
+        self.appended += 1
         self.on_append()
 
     def turn_read_only(self, reason: str) -> None:
@@ -140,15 +143,31 @@ class JournaledStore:
 
     def sync(self) -> None:
         """Make every journaled change durable; on failure turn read-only and re-raise."""
+        target, sync = self.pending_sync()
         try:
-            self.writer.sync()
+            sync()
         except OSError as e:
-            self.turn_read_only(f"journal fsync failed: {e.strerror or e}")
+            self.sync_failed(e)
             raise
+        self.mark_durable(target)
+
+    def pending_sync(self) -> tuple[int, Callable[[], None]]:
+        """What a sync started now covers, and the call that does it.
+
+        The call may run in another thread while appends go on; once it
+        returns, pass the count to ``mark_durable``.
+        """
+        return self.appended, self.writer.sync
+
+    def mark_durable(self, count: int) -> None:
+        self.durable = max(self.durable, count)
+
+    def sync_failed(self, error: OSError) -> None:
+        self.turn_read_only(f"journal fsync failed: {error.strerror or error}")
 
     @property
     def unsynced(self) -> bool:
-        return self.writer.unsynced > 0
+        return self.appended > self.durable
 
     def close(self) -> None:
         """Sync (unless read-only), close the journal and release the lock.
@@ -188,7 +207,7 @@ class JournaledStore:
         The switch to the new journal happens before this returns (it is
         quick); the snapshot is then written as the caller drives the steps.
         """
-        self.writer.sync()
+        self.sync()
         crashpoint("old journal synced")
         generation = self.generation + 1
         new = create_journal(self.dirpath, generation, crashpoint)

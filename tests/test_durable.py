@@ -33,10 +33,28 @@ class SyncCounter:
         monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", counted)
 
 
-def serve(tmp_path, fsync: str, **kwargs) -> tuple[DurableService, KVFactory, Clock]:
+class HeldSyncs:
+    """A ``runBlocking`` that runs each fsync only when the test says so."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[object, defer.Deferred]] = []
+
+    def __call__(self, fn) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.held.append((fn, d))
+        return d
+
+    def finish_one(self) -> None:
+        fn, d = self.held.pop(0)
+        fn()
+        d.callback(None)
+
+
+def serve(tmp_path, fsync: str, runBlocking=defer.maybeDeferred, **kwargs) -> tuple[DurableService, KVFactory, Clock]:
+    """A started DurableService on a Clock; by default fsyncs run at once, in line."""
     clock = Clock()
     journaled = JournaledStore.open(str(tmp_path), **kwargs)
-    durable = DurableService(journaled, fsync, clock, runBlocking=lambda fn: defer.maybeDeferred(fn))
+    durable = DurableService(journaled, fsync, clock, runBlocking=runBlocking)
     durable.startService()
     factory = KVFactory(journaled)
     factory.whenDurable = durable.whenDurable
@@ -259,21 +277,13 @@ def test_compaction_starts_by_itself_and_keeps_every_change(tmp_path) -> None:
 
 
 def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_path) -> None:
-    clock = Clock()
-    journaled = JournaledStore.open(str(tmp_path))
-    blocked: list[tuple[object, defer.Deferred]] = []
-
-    def hold(fn):
-        d = defer.Deferred()
-        blocked.append((fn, d))
-        return d
-
-    durable = DurableService(journaled, "everysec", clock, runBlocking=hold)
-    durable.startService()
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "everysec", syncs)
+    journaled = durable.journaled
     fill(journaled, 0, 100)
     durable.compact()
     clock.advance(0)
-    [(fn, waiting)] = blocked
+    assert len(syncs.held) == 1
     assert os.path.exists(tmp_path / "snapshot-00000002.kvs.tmp")
     fill(journaled, 200, 210)
     expected = dict(journaled.items())
@@ -281,10 +291,52 @@ def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_
     durable.stopService().addCallback(fired.append)
     clock.advance(0)
     assert not fired and journaled.lock.held, "the fsync under way is waited for"
-    fn()
-    waiting.callback(None)
+    syncs.finish_one()
     clock.advance(0)
     clock.advance(0)
     assert fired and not journaled.lock.held
     assert sorted(os.listdir(tmp_path)) == ["LOCK", "journal-00000001.kvj", "journal-00000002.kvj"]
     assert recover(str(tmp_path)).data == expected
+
+
+def test_always_pipelines_fsyncs_in_the_background(tmp_path) -> None:
+    """Writes made while one fsync runs wait for the next; each batch leaves once covered."""
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    first, firstTransport = connect(factory)
+    second, secondTransport = connect(factory)
+    first.dataReceived(b"put 1 1\n")
+    clock.advance(0)
+    assert len(syncs.held) == 1
+    second.dataReceived(b"put 2 2\n")
+    first.dataReceived(b"get 2\n")
+    clock.advance(0)
+    assert len(syncs.held) == 1, "one fsync at a time"
+    syncs.finish_one()
+    assert firstTransport.value() == b"OK\n" and secondTransport.value() == b""
+    assert len(syncs.held) == 1, "the next fsync started at once"
+    syncs.finish_one()
+    assert firstTransport.value() == b"OK\n2\n" and secondTransport.value() == b"OK\n"
+    fired: list[object] = []
+    durable.stopService().addCallback(fired.append)
+    clock.advance(0)
+    clock.advance(0)
+    assert fired
+
+
+def test_compaction_waits_for_the_background_fsync(tmp_path) -> None:
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    journaled = durable.journaled
+    journaled.put(1, 1)
+    clock.advance(0)
+    durable.compact()
+    assert journaled.generation == 1, "the journal is not switched under a running fsync"
+    syncs.finish_one()
+    assert journaled.generation == 2
+    while durable._compaction is not None:
+        clock.advance(0)
+        if syncs.held:
+            syncs.finish_one()
+    stop(durable, clock)
+    assert recover(str(tmp_path)).data == {1: 1}

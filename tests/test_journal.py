@@ -112,9 +112,7 @@ def test_writer_appends_records_that_read_back(tmp_path) -> None:
     writer.append(journal.encode_put(5, 6))
     writer.append(journal.encode_del(5))
     writer.append(journal.encode_put(-1, 2**63 - 1))
-    assert writer.unsynced == 3
     writer.sync()
-    assert writer.unsynced == 0
     writer.close()
     state: dict[int, int] = {}
     scan = journal.read_journal(path, state)
