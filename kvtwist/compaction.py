@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 from kvtwist.datadir import TEMP_SUFFIX, fsync_dir, list_files, snapshot_name
 from kvtwist.snapshot import SnapshotWriter
 
-CHUNK = 8192
+CHUNK = 4096
 
 Crashpoint = Callable[[str], None]
 
@@ -81,7 +81,8 @@ def snapshot_steps(
     crashpoint("snapshot renamed")
     yield Blocking(lambda: fsync_dir(dirpath))
     crashpoint("snapshot durable")
-    remove_obsolete(dirpath, generation)
+    # Unlinking big files takes a while on some file systems: off the loop too.
+    yield Blocking(lambda: remove_obsolete(dirpath, generation))
     crashpoint("old files removed")
     yield Blocking(lambda: fsync_dir(dirpath))
 

@@ -232,8 +232,12 @@ class JournaledStore:
 
 
 def _key_list(store: Store) -> list[int]:
-    """Every key in ``store`` now, as a list that does not change with it."""
+    """Every key in ``store`` now, as a new list that later changes do not affect.
+
+    ``Store.keys`` does that in bulk where the store has it; walking
+    ``items()`` is the slower way for stores that do not.
+    """
     keys = getattr(store, "keys", None)
     if keys is not None:
-        return list(keys())
+        return keys()
     return [key for key, _ in store.items()]

@@ -1,0 +1,194 @@
+"""``python -m kvtwist.durablebench``: start-up recovery time and compaction stalls.
+
+Measures, at a given number of keys (1M by default):
+
+- recovery: ``JournaledStore.open`` on a directory holding only a journal
+  of N puts, and on one holding a snapshot of N keys plus a journal just
+  under the size that triggers compaction (the worst case); also a whole
+  ``twistd kvstore --data`` start-up, until it listens;
+- compaction: the longest time the reactor goes without running a 5 ms
+  timer while a compaction of N keys runs with writes going on, against
+  the same measurement over the same time with no compaction (the
+  machine's own noise), and the longest single compaction step.
+
+Rounds alternate the cases and the medians are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvtwist import journal, snapshot
+from kvtwist.datadir import journal_name, snapshot_name
+from kvtwist.journaled import COMPACT_RATIO, JournaledStore
+
+TICK = 0.005
+
+
+def build_journal_only(directory: Path, keys: int) -> None:
+    directory.mkdir(parents=True)
+    records = b"".join(journal.encode_put(k * 7919, k) for k in range(keys))
+    (directory / journal_name(1)).write_bytes(journal.encode_header(journal.MAGIC, 1) + records)
+
+
+def build_snapshot_and_journal(directory: Path, keys: int) -> None:
+    """A snapshot of ``keys`` keys and a journal just under the compaction threshold."""
+    directory.mkdir(parents=True)
+    snap = snapshot.encode_snapshot(2, ((k * 7919, k) for k in range(keys)))
+    (directory / snapshot_name(2)).write_bytes(snap)
+    # Replace values (del + put) until the journal nearly triggers compaction.
+    pairs = (COMPACT_RATIO * len(snap)) // (2 * journal.RECORD_SIZE) - 1
+    records = b"".join(
+        journal.encode_del((i % keys) * 7919) + journal.encode_put((i % keys) * 7919, -i) for i in range(pairs)
+    )
+    (directory / journal_name(2)).write_bytes(journal.encode_header(journal.MAGIC, 2) + records)
+
+
+def time_open(directory: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    journaled = JournaledStore.open(str(directory))
+    elapsed = time.perf_counter() - started
+    count = len(journaled)
+    journaled.close()
+    return elapsed, count
+
+
+def time_server_start(directory: Path) -> float:
+    """Seconds from spawning ``twistd kvstore --data`` until it logs that it listens."""
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    log = directory.parent / "server.log"
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [twistd, "-n", "--pidfile=", "kvstore", "--port", "tcp:0:interface=127.0.0.1", "--data", str(directory)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=directory.parent,
+        )
+    try:
+        while b"kvstore listening on" not in log.read_bytes():
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text())
+            time.sleep(0.005)
+        return time.perf_counter() - started
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def measure_stalls(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+    """Run the reactor with a 5 ms timer and light writes, with or without a compaction.
+
+    Returns (longest gap between timer runs beyond 5 ms, longest compaction
+    step, seconds run); without a compaction it runs ``window`` seconds.
+    """
+    from twisted.internet import reactor, task
+
+    from kvtwist.durable import DurableService
+
+    journaled = JournaledStore.open(str(directory))
+    durable = DurableService(journaled, "everysec", reactor)
+    durable.startService()
+    last = [time.perf_counter()]
+    worst = [0.0]
+    counter = iter(range(10**12))
+
+    def tick() -> None:
+        now = time.perf_counter()
+        worst[0] = max(worst[0], now - last[0] - TICK)
+        last[0] = now
+        for _ in range(20):
+            n = next(counter)
+            journaled.put(-1 - n, n)
+
+    ticker = task.LoopingCall(tick)
+    result: list[float] = []
+
+    def run() -> None:
+        ticker.start(TICK)
+        started = time.perf_counter()
+        if compact:
+            durable.compact()
+            done = durable._compaction
+        else:
+            done = task.deferLater(reactor, window, lambda: None)
+
+        def finished(_: object) -> None:
+            result.append(time.perf_counter() - started)
+            ticker.stop()
+            durable.stopService().addBoth(lambda _: reactor.stop())
+
+        done.addBoth(finished)
+
+    reactor.callWhenRunning(run)
+    reactor.run(installSignalHandlers=False)
+    return worst[0], durable.longestCompactionStep, result[0]
+
+
+def _child_stalls(directory: str, compact: str, window: str) -> None:
+    worst, step, seconds = measure_stalls(Path(directory), compact == "1", float(window))
+    print(f"{worst} {step} {seconds}")
+
+
+def stalls_in_child(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+    """Each measurement in a fresh process: a reactor runs only once per process."""
+    code = "import sys; from kvtwist import durablebench as b; b._child_stalls(*sys.argv[1:])"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(directory), "1" if compact else "0", str(window)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    worst, step, seconds = map(float, out.split()[-3:])
+    return worst, step, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvtwist.durablebench", description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="kvtwist-durablebench-"))
+    try:
+        journal_only, with_snapshot = work / "journal-only", work / "snapshot"
+        build_journal_only(journal_only, args.keys)
+        build_snapshot_and_journal(with_snapshot, args.keys)
+        size = sum(p.stat().st_size for p in with_snapshot.iterdir())
+        print(f"{args.keys:,} keys; snapshot + journal case: {size / 1e6:.1f} MB on disk")
+
+        opens: dict[str, list[float]] = {"journal only": [], "snapshot + journal": [], "twistd start-up": []}
+        for _ in range(args.rounds):
+            opens["journal only"].append(time_open(journal_only)[0])
+            opens["snapshot + journal"].append(time_open(with_snapshot)[0])
+            opens["twistd start-up"].append(time_server_start(with_snapshot))
+        for name, times in opens.items():
+            print(f"recovery, {name}: median {statistics.median(times):.2f} s (rounds: "
+                  + ", ".join(f"{t:.2f}" for t in times) + ")")
+
+        stalls: dict[str, list[float]] = {"compaction": [], "no compaction": []}
+        steps, durations = [], []
+        for _ in range(args.rounds):
+            copy = work / "copy"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(with_snapshot, copy)
+            worst, step, seconds = stalls_in_child(copy, True, 0)
+            stalls["compaction"].append(worst)
+            steps.append(step)
+            durations.append(seconds)
+            worst, _, _ = stalls_in_child(copy, False, seconds)
+            stalls["no compaction"].append(worst)
+        print(f"compaction of {args.keys:,} keys: median {statistics.median(durations):.2f} s")
+        for name, worsts in stalls.items():
+            print(f"longest reactor stall, {name}: median {statistics.median(worsts) * 1000:.0f} ms (rounds: "
+                  + ", ".join(f"{w * 1000:.0f}" for w in worsts) + ")")
+        print(f"longest single compaction step: median {statistics.median(steps) * 1000:.0f} ms")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
