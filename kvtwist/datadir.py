@@ -142,9 +142,13 @@ class DirectoryLock:
                 f"data directory {os.path.dirname(self.path)} is in use by another kvtwist server{owner}; "
                 f"stop that server or choose another --data directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self.record_owner()
+
+    def record_owner(self) -> None:
+        """Write this process's pid into the lock file (again after twistd forks into the background)."""
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -253,6 +253,8 @@ class DurableService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.journaled.lock is not None:
+            self.journaled.lock.record_owner()
         for warning in self.journaled.warnings:
             _log.warn("kvstore: recovery: {warning}", warning=warning)
         _log.info(
