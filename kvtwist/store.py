@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from kvtwist.intmap import IntMap
+
 
 class StoreError(Exception):
     """A request the store refuses as a whole; its text becomes the client's ``Error:`` reply."""
@@ -17,18 +19,17 @@ class Store:
     server is single-threaded: one request runs to completion before the
     next starts. Keys and values are already validated ints when they
     arrive here; range checks belong to the protocol.
+
+    The entries live in an ``IntMap`` rather than a dict: about a third of
+    the memory per key (docs/performance.md).
     """
 
     def __init__(self) -> None:
-        self._data: dict[int, int] = {}
+        self._data = IntMap()
 
     def put(self, key: int, value: int) -> bool:
         """Store ``value`` under ``key`` unless the key exists; True if it was stored."""
-        data = self._data
-        if key in data:
-            return False
-        data[key] = value
-        return True
+        return self._data.put(key, value)
 
     def get(self, key: int) -> int | None:
         """The value under ``key``, or None when there is none."""
@@ -36,11 +37,15 @@ class Store:
 
     def delete(self, key: int) -> bool:
         """Remove ``key``; True if it was there."""
-        return self._data.pop(key, None) is not None
+        return self._data.delete(key)
 
     def items(self) -> Iterator[tuple[int, int]]:
         """Every (key, value) pair, in no particular order."""
-        return iter(self._data.items())
+        return self._data.items()
+
+    def keys(self) -> list[int]:
+        """Every key, as a list that later changes do not affect (taken in bulk, for snapshots)."""
+        return self._data.keys()
 
     def __len__(self) -> int:
         return len(self._data)

@@ -21,6 +21,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per round (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
+    p.add_argument("--server-warmup", type=float, default=None,
+                   help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick)")
     p.add_argument("--only", default="", help="comma-separated scenario keys to run (default all)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.md and plots")
     p.add_argument("--server-python", default=sys.executable, help="interpreter that runs kvtwist (default: this one)")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         say("redis-server not found: measuring kvtwist alone, no ratios")
     options = servers.Options(python=args.server_python, pypy=args.pypy, redis=redis, cserver=cserver)
 
-    measurements = runner.runPlan(scenarios, options, kvbench, say)
+    serverWarmup = args.server_warmup if args.server_warmup is not None else (0.0 if args.quick else runner.SERVER_WARMUP)
+    measurements = runner.runPlan(scenarios, options, kvbench, say, serverWarmup)
     # Scenarios as run: without the servers that were not available.
     ran = [replace(s, servers=tuple(k for k in s.servers if any(m.server == k and m.scenario == s.key for m in measurements)))
            for s in scenarios]

@@ -13,6 +13,9 @@ from kvtwist.bench.plan import Scenario
 
 # How the keyspace is filled before rounds start: not measured, just fast.
 _PREFILL = Load(connections=4, depth=64, fill=True)
+# Then each server runs the scenario's load unmeasured for this long, so a
+# JIT (PyPy) has compiled the hot paths before round 1.
+SERVER_WARMUP = 3.0
 # Time for the server to finish closing connections before its CPU is read.
 _SETTLE = 0.2
 
@@ -86,7 +89,9 @@ def _describe(m: Measurement) -> str:
     return f"{m.rps:,.0f} req/s, {m.cpu:.1f} us CPU/req, p99 {m.p99 / 1000:.2f} ms"
 
 
-def runScenario(scenario: Scenario, options: servers.Options, kvbench: Path, progress: Progress) -> list[Measurement]:
+def runScenario(
+    scenario: Scenario, options: servers.Options, kvbench: Path, progress: Progress, serverWarmup: float = SERVER_WARMUP
+) -> list[Measurement]:
     """All rounds of one scenario; servers alternate within each round (A B A B ...)."""
     results: list[Measurement] = []
 
@@ -111,8 +116,11 @@ def runScenario(scenario: Scenario, options: servers.Options, kvbench: Path, pro
         for kind in scenario.servers:
             running.append(servers.start(kind, options))
         prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
+        warm = replace(scenario.load, idle=0, warmup=0, duration=serverWarmup)
         for server in running:
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
+            if serverWarmup:
+                loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
         for round in range(scenario.rounds):
             for server in running:
                 record(server, round)
@@ -122,7 +130,9 @@ def runScenario(scenario: Scenario, options: servers.Options, kvbench: Path, pro
     return results
 
 
-def runPlan(plan: list[Scenario], options: servers.Options, kvbench: Path, progress: Progress) -> list[Measurement]:
+def runPlan(
+    plan: list[Scenario], options: servers.Options, kvbench: Path, progress: Progress, serverWarmup: float = SERVER_WARMUP
+) -> list[Measurement]:
     """Every scenario in order, skipping servers that are not available here."""
     results: list[Measurement] = []
     available = set(servers.KINDS)
@@ -137,5 +147,5 @@ def runPlan(plan: list[Scenario], options: servers.Options, kvbench: Path, progr
         skipped = set(scenario.servers) - set(kinds)
         progress(f"[{i}/{len(plan)}] {scenario.title}" + (f" (skipping {', '.join(sorted(skipped))}: not available)" if skipped else ""))
         if kinds:
-            results += runScenario(replace(scenario, servers=kinds), options, kvbench, progress)
+            results += runScenario(replace(scenario, servers=kinds), options, kvbench, progress, serverWarmup)
     return results

@@ -1,0 +1,89 @@
+"""IntMap against a dict model, including heavy collisions, wrap-around and the sentinel key."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtwist.intmap import EMPTY, IntMap
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+# Keys near 0 and near the sentinel, so that runs, wrap-around and the
+# special key are all exercised.
+KEYS = st.one_of(st.integers(-40, 40), st.sampled_from([EMPTY, -(2**63), 2**63 - 1]), INT64)
+OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete"]), KEYS, INT64), max_size=400)
+
+
+def _check(m: IntMap, ops: list[tuple[str, int, int]]) -> None:
+    model: dict[int, int] = {}
+    for op, key, value in ops:
+        if op == "put":
+            assert m.put(key, value) == (key not in model)
+            model.setdefault(key, value)
+        elif op == "get":
+            assert m.get(key) == model.get(key)
+        else:
+            assert m.delete(key) == (model.pop(key, None) is not None)
+        assert len(m) == len(model)
+    assert sorted(m.items()) == sorted(model.items())
+    for key in model:
+        assert key in m and m.get(key) == model[key]
+
+
+@given(OPS)
+def test_matches_a_dict(ops: list[tuple[str, int, int]]) -> None:
+    _check(IntMap(), ops)
+
+
+@settings(max_examples=200)
+@given(OPS)
+def test_matches_a_dict_when_every_small_key_collides(ops: list[tuple[str, int, int]]) -> None:
+    # With multiplier 1 the hash is the key itself: small keys all share
+    # one shard and one home slot, so every put probes and every delete
+    # shifts entries back, across the end of the table too.
+    _check(IntMap(multiplier=1), ops)
+
+
+def test_growth_and_shrinking_churn_keep_every_entry() -> None:
+    m = IntMap(multiplier=1)
+    n = 5000
+    for k in range(n):
+        assert m.put(k, -k)
+    for k in range(0, n, 2):
+        assert m.delete(k)
+    for k in range(n):
+        assert m.get(k) == (None if k % 2 == 0 else -k)
+    assert len(m) == n // 2
+
+
+def test_slots_are_int64_sized() -> None:
+    m = IntMap()
+    for k in range(100_000):
+        m.put(k * 7919 + 1, k)
+    slots = sum(len(s.keys) for s in m._shards)
+    # Stays below the 70% load limit and above a quarter: 16 bytes a slot.
+    assert 100_000 / 0.7 < slots < 100_000 * 4
+
+
+def test_out_of_range_value_changes_nothing() -> None:
+    m = IntMap()
+    with pytest.raises(OverflowError):
+        m.put(1, 2**63)
+    with pytest.raises(OverflowError):
+        m.put(EMPTY, 2**63)
+    assert 1 not in m and EMPTY not in m and len(m) == 0
+    assert m.get(1) is None
+
+
+def test_even_multiplier_is_refused() -> None:
+    with pytest.raises(ValueError):
+        IntMap(multiplier=2)
+
+
+@given(st.lists(KEYS, max_size=200))
+def test_keys_lists_every_key_once(keys: list[int]) -> None:
+    m = IntMap(multiplier=1)
+    for k in keys:
+        m.put(k, 0)
+    assert sorted(m.keys()) == sorted(set(keys))
