@@ -53,6 +53,10 @@ def parseInt64(token: bytes) -> int | None:
     stripped before conversion so that a long run of them is neither
     refused by Python's digit limit nor mistaken for an overflow.
     """
+    if len(token) < 19 and token.isdigit():
+        # The common case, checked first because it is on every request's
+        # path: up to 18 plain digits always fit in 64 bits.
+        return int(token)
     digits = token[1:] if token[:1] in (b"+", b"-") else token
     if not digits.isdigit():
         return None
@@ -340,5 +344,12 @@ class KVFactory(Factory):
         return super().buildProtocol(addr)
 
     def whenDurable(self, f: Callable[..., object], *args: object) -> None:
-        """Call ``f(*args)`` once every write acknowledged so far is as durable as promised."""
+        """
+        Call ``f(*args)`` once the writes its replies depend on are as durable as promised.
+
+        The contract with a durable store (``kvtwist.durable``): the store
+        calls made since the previous ``whenDurable`` call produced this
+        batch's replies, and ``f`` is a bound method of the connection's
+        protocol, so that one connection's batches keep their order.
+        """
         f(*args)
