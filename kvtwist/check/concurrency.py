@@ -131,6 +131,8 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
     verdicts = linearizability.checkHistory(operations)
     stats = {"operations": len(operations), "keys": keys, "check_seconds": round(target.clock() - started, 3)}
     bad = [verdict for verdict in verdicts if not verdict.linearizable]
+    if not operations:
+        return failed(GROUP, name, "no operation completed, so there is nothing to check", **stats)
     if not bad:
         return passed(
             GROUP, name,
@@ -139,23 +141,36 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
         )
     evidence = []
     for verdict in bad:
-        if not verdict.witness:
+        if verdict.witness:
+            evidence += explainWitness(verdict)
+        else:
             evidence.append(f"key {verdict.key}: also not linearizable ({verdict.operations} operations)")
-            continue
-        shrunk = "a minimal set" if verdict.minimal else "a set (not fully shrunk in the time allowed)"
-        evidence.append(
-            f"key {verdict.key} ({verdict.operations} operations): {shrunk} of replies that cannot all be right;"
-        )
-        evidence.append("  no order of the key's operations that respects their times gives all of these:")
-        evidence.extend(f"    {op.describe()}" for op in verdict.witness)
-        if verdict.context:
-            evidence.append("  operations that changed the key meanwhile (their replies are not needed to show it):")
-            evidence.extend(f"    {op.describe()}" for op in verdict.context[:SHOWN])
-            if len(verdict.context) > SHOWN:
-                evidence.append(f"    ... and {len(verdict.context) - SHOWN} more")
     return failed(
         GROUP, name, f"{len(bad)} of {len(verdicts)} keys have a history that is not linearizable", evidence, **stats
     )
+
+
+def explainWitness(verdict: linearizability.KeyVerdict) -> list[str]:
+    """The report lines for one failing key: the replies that cannot all be right, and why."""
+    start, end = verdict.window
+    shrunk = "" if verdict.minimal else " (not fully shrunk in the time allowed)"
+    lines = [
+        f"key {verdict.key} ({verdict.operations} operations): these replies cannot all be right{shrunk}:",
+        f"  whatever the key held at {start:.6f} s, no order of the operations between {start:.6f} s and "
+        f"{end:.6f} s that respects their times gives all of them:",
+    ]
+    lines += _listed(verdict.witness)
+    if verdict.others:
+        lines.append("  not even if any of these writes in that window (replies ignored) took effect or not:")
+        lines += _listed(verdict.others)
+    return lines
+
+
+def _listed(operations: tuple[Operation, ...], limit: int = 4 * SHOWN) -> list[str]:
+    lines = [f"    {op.describe()}" for op in operations[:limit]]
+    if len(operations) > limit:
+        lines.append(f"    ... and {len(operations) - limit} more")
+    return lines
 
 
 async def checkConcurrency(target: Target) -> list[CheckResult]:

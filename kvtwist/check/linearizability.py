@@ -22,6 +22,8 @@ minimal set of replies that cannot all be right is searched for; see
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -32,10 +34,13 @@ from kvtwist.check.history import Operation, Outcome, byKey
 
 def isLinearizable(operations: Sequence[Operation], initial: model.State = model.UNKNOWN) -> bool:
     """Whether ``operations`` (all on one key) can be linearized from ``initial``."""
-    return _search([(op.call, op.ret, op.verb, op.value, op.outcome) for op in operations], initial)
+    return _search(
+        [(op.call, op.ret, op.verb, op.value, op.outcome, model.isOptional(op.verb, op.outcome)) for op in operations],
+        initial,
+    )
 
 
-def _search(ops: list[tuple[float, float, str, int | None, object]], state: model.State) -> bool:
+def _search(ops: list[tuple[float, float, str, int | None, object, bool]], state: model.State) -> bool:
     count = len(ops)
     if count == 0:
         return True
@@ -71,6 +76,12 @@ def _search(ops: list[tuple[float, float, str, int | None, object]], state: mode
         if nxt[call] != -1:
             prv[nxt[call]] = call
 
+    # The memo is keyed on the set of linearized operations. Instead of a
+    # bitset of thousands of bits (slow to hash), the set is represented by
+    # the XOR of a random 128-bit tag per operation (Zobrist hashing): two
+    # different sets share a value with probability 2**-128, far below any
+    # chance that matters, and each step costs one XOR.
+    tags = [random.getrandbits(128) for _ in range(count)]
     step = model.step
     seen: set[tuple[int, model.State]] = set()
     stack: list[tuple[int, model.State]] = []
@@ -78,28 +89,30 @@ def _search(ops: list[tuple[float, float, str, int | None, object]], state: mode
     node = nxt[head]
     while nxt[head] != -1:
         if node < count:
-            _, _, verb, value, outcome = ops[node]
+            _, _, verb, value, outcome, optional = ops[node]
+            candidate = linearized ^ tags[node]
             after = step(state, verb, value, outcome)
+            # An operation whose reply is unknown may also have done nothing.
+            if after is None or (candidate, after) in seen:
+                after = state if optional and (candidate, state) not in seen else None
             if after is not None:
-                candidate = linearized | (1 << node)
-                if (candidate, after) not in seen:
-                    seen.add((candidate, after))
-                    stack.append((node, state))
-                    state = after
-                    linearized = candidate
-                    lift(node)
-                    node = nxt[head]
-                    continue
-            node = nxt[node]
+                seen.add((candidate, after))
+                stack.append((node, state))
+                state = after
+                linearized = candidate
+                lift(node)
+                node = nxt[head]
+            else:
+                node = nxt[node]
         else:
             # A return whose operation is not linearized yet: every order
-            # from here on violates real time. Undo the last choice.
+            # from here on violates real time. Undo the last choice, and
+            # look at that operation again: it may have another way to go.
             if not stack:
                 return False
             node, state = stack.pop()
-            linearized &= ~(1 << node)
+            linearized ^= tags[node]
             unlift(node)
-            node = nxt[node]
     return True
 
 
@@ -111,12 +124,15 @@ class KeyVerdict:
     operations: int
     linearizable: bool
     witness: tuple[Operation, ...] = ()
-    #: Whether the witness was shrunk all the way (no operation in it can be
+    #: Whether the witness was shrunk all the way (no reply in it can be
     #: dropped); False when the time budget ran out first.
     minimal: bool = True
-    #: Operations on the key that overlap the witness in time; their replies
-    #: were not needed to show the violation.
-    context: tuple[Operation, ...] = field(default=())
+    #: The writes in the witness's time window whose replies were ignored:
+    #: each may have taken effect or not, and still no order explains the
+    #: witness.
+    others: tuple[Operation, ...] = field(default=())
+    #: The time window the witness was found in.
+    window: tuple[float, float] = (0.0, 0.0)
 
 
 def checkHistory(
@@ -138,82 +154,151 @@ def checkHistory(
     for key, ops in sorted(byKey(operations).items()):
         if isLinearizable(ops):
             verdicts.append(KeyVerdict(key, len(ops), True))
-        elif witnesses > 0:
+        elif witnesses > 0 and clock() < deadline:
             witnesses -= 1
-            witness, minimal = minimalWitness(ops, deadline, clock)
+            found = minimalWitness(ops, deadline, clock)
             verdicts.append(
-                KeyVerdict(key, len(ops), False, tuple(witness), minimal, _context(ops, witness))
+                KeyVerdict(key, len(ops), False, found.replies, found.minimal, found.others, found.window)
             )
         else:
             verdicts.append(KeyVerdict(key, len(ops), False, minimal=False))
     return verdicts
 
 
-def weakened(operations: Sequence[Operation], keep: set[int]) -> list[Operation]:
+@dataclass(frozen=True)
+class Witness:
     """
-    The history with only the replies of ``keep`` (indices) still checked.
+    Replies that cannot all be right, and the window of time they were found in.
 
-    Every other operation either goes (if its reply says it changed nothing,
-    e.g. a get, or a put answered ``Key already exists``) or stays with its
-    reply forgotten, so it may have had its effect or not. Both steps can
-    only make a history easier to linearize: if the result is still not
-    linearizable, neither was the original, and the kept replies alone are
-    what cannot be explained.
+    The claim a witness makes, and that ``explains`` tests, is: whatever the
+    key held at ``window[0]``, and whichever of ``others`` (the writes in
+    the window whose replies are ignored) took effect, no order of the
+    operations in the window that respects real time gives every operation
+    in ``replies`` the reply it got. Operations that finished before the
+    window, or started after it, cannot change that (see ``_subHistory``),
+    so the witness proves the whole history is not linearizable.
+    """
+
+    replies: tuple[Operation, ...]
+    others: tuple[Operation, ...]
+    window: tuple[float, float]
+    minimal: bool
+
+
+def _subHistory(
+    operations: Sequence[Operation], start: float, end: float, keep: set[int] | None = None
+) -> list[Operation]:
+    """
+    The history of the window [start, end], with the replies of ``keep`` (indices) checked.
+
+    ``keep=None`` keeps every reply that may be kept: those of operations
+    entirely inside the window. Operations that returned before ``start``
+    are dropped: every kept operation started after they ended, and the
+    initial state is left unknown, so they cannot matter. Operations that
+    started after ``end`` are dropped too: every kept operation had ended
+    before they started, so they come after all of them in any order.
+    Within the window, an operation whose reply is not kept goes if its
+    reply says it changed nothing (a get, a put answered ``Key already
+    exists``), and otherwise stays with its reply forgotten, free to have
+    had its effect or not. None of this can make an explainable history
+    unexplainable, which is what makes a failing sub-history a proof.
     """
     result = []
     for index, op in enumerate(operations):
-        if index in keep:
+        if op.ret < start or op.call > end:
+            continue
+        inside = start <= op.call and op.ret <= end
+        if inside and (keep is None or index in keep):
             result.append(op)
         elif model.hasEffect(op.verb, op.outcome):
             result.append(replace(op, reply=None))
     return result
 
 
+def _fails(operations: Sequence[Operation], start: float, end: float, keep: set[int] | None = None) -> bool:
+    return not isLinearizable(_subHistory(operations, start, end, keep))
+
+
+def _narrowest(points: list[float], fails: Callable[[float], bool], outOfTime: Callable[[], bool]) -> float:
+    """
+    The first of the sorted ``points`` where the monotone ``fails`` holds.
+
+    The last point must be one where it holds; that is the answer when
+    ``outOfTime`` says to stop searching.
+    """
+    low, high = 0, len(points) - 1
+    while low < high and not outOfTime():
+        middle = (low + high) // 2
+        if fails(points[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return points[low]
+
+
 def minimalWitness(
     operations: Sequence[Operation],
     deadline: float = float("inf"),
     clock: Callable[[], float] = time.monotonic,
-) -> tuple[list[Operation], bool]:
+) -> Witness:
     """
-    A smallest set of replies in a non-linearizable key history that cannot all be right.
+    A small, readable proof that a key's history is not linearizable.
 
-    Keeping fewer replies (see ``weakened``) can only help linearizability,
-    so "still not linearizable" is monotone in the kept set and the set can
-    be shrunk greedily: try to forget chunks of replies, halving the chunk
-    size down to single operations (the delta-debugging schedule). The
-    result is 1-minimal: forgetting any one of its replies makes the
-    history explainable. Returns the witness and whether it is minimal; if
-    ``deadline`` passes first, the smallest failing set found so far.
+    Three steps, each keeping the sub-history unexplainable (widening the
+    window or keeping more replies can only make that easier, so each
+    search is over a monotone property):
+
+    1. the earliest end of the window: binary search over return times;
+    2. the latest start: binary search over call times;
+    3. the fewest replies in that window: try to forget chunks of them,
+       halving the chunk size down to single operations (the
+       delta-debugging schedule). The result is 1-minimal: forgetting any
+       one of its replies makes the window explainable.
+
+    When ``deadline`` passes, each step stops with the narrowest window or
+    smallest set found so far, and the witness is marked as not minimal.
+    The history must not be linearizable.
     """
-    keep = [index for index, op in enumerate(operations) if op.outcome is not Outcome.UNKNOWN]
+    def outOfTime() -> bool:
+        return clock() > deadline
 
-    def fails(kept: list[int]) -> bool:
-        return not isLinearizable(weakened(operations, set(kept)))
+    ends = sorted({op.ret for op in operations if not math.isinf(op.ret)} | {math.inf})
+    end = _narrowest(ends, lambda end: _fails(operations, -math.inf, end), outOfTime)
+    starts = sorted({op.call for op in operations if op.call <= end} | {-math.inf}, reverse=True)
+    start = _narrowest(starts, lambda start: _fails(operations, start, end), outOfTime)
 
+    keep = [
+        index
+        for index, op in enumerate(operations)
+        if start <= op.call and op.ret <= end and op.outcome is not Outcome.UNKNOWN
+    ]
+    minimal = _shrink(keep, lambda kept: _fails(operations, start, end, set(kept)), outOfTime)
+    kept = set(keep)
+    window = _subHistory(operations, start, end, kept)
+    replies = tuple(op for op in window if op.reply is not None)
+    others = tuple(op for op in window if op.reply is None)
+    return Witness(replies, _originals(operations, others), (start, end), minimal)
+
+
+def _shrink(keep: list[int], fails: Callable[[list[int]], bool], outOfTime: Callable[[], bool]) -> bool:
+    """Remove from ``keep`` (in place) what ``fails`` does not need; whether it got to the end."""
     chunk = max(1, len(keep) // 2)
     while True:
         start = 0
         while start < len(keep):
-            if clock() > deadline:
-                return [operations[index] for index in keep], False
+            if outOfTime():
+                return False
             candidate = keep[:start] + keep[start + chunk :]
             if fails(candidate):
-                keep = candidate
+                keep[:] = candidate
             else:
                 start += chunk
         if chunk == 1:
-            return [operations[index] for index in keep], True
+            return True
         chunk = max(1, chunk // 2)
 
 
-def _context(operations: Sequence[Operation], witness: Sequence[Operation]) -> tuple[Operation, ...]:
-    if not witness:
-        return ()
-    start = min(op.call for op in witness)
-    end = max(op.ret for op in witness)
-    chosen = set(map(id, witness))
-    return tuple(
-        op
-        for op in operations
-        if id(op) not in chosen and op.call <= end and op.ret >= start and model.hasEffect(op.verb, op.outcome)
-    )
+def _originals(operations: Sequence[Operation], forgotten: Sequence[Operation]) -> tuple[Operation, ...]:
+    """The operations as recorded, replies included, for those whose replies were forgotten."""
+    wanted = {(op.client, op.call) for op in forgotten}
+    return tuple(op for op in operations if (op.client, op.call) in wanted)

@@ -55,8 +55,10 @@ def step(state: State, verb: str, value: int | None, outcome: Outcome | int) -> 
     """
     The state after applying one operation with the reply it got, or IMPOSSIBLE.
 
-    An ``Outcome.UNKNOWN`` reply constrains nothing, but the operation still
-    has its effect if it runs: a put fills an absent key, a del empties it.
+    An ``Outcome.UNKNOWN`` reply constrains nothing: this gives the state
+    if the operation ran (a put fills an absent key, a del empties it); it
+    may also not have run at all, which the search tries separately (see
+    ``isOptional``).
     """
     if verb == PUT:
         if outcome is Outcome.OK:
@@ -83,6 +85,16 @@ def step(state: State, verb: str, value: int | None, outcome: Outcome | int) -> 
             return ABSENT if _mayBeAbsent(state) else IMPOSSIBLE
         return ABSENT
     raise ValueError(f"unknown verb {verb!r}")
+
+
+def isOptional(verb: str, outcome: Outcome | int) -> bool:
+    """
+    Whether the operation may have left the state alone although ``step`` changes it.
+
+    A request without a usable reply may never have been executed (the
+    connection broke first, or the server answered nonsense).
+    """
+    return outcome is Outcome.UNKNOWN and verb != GET
 
 
 def hasEffect(verb: str, outcome: Outcome | int) -> bool:

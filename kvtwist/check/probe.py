@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -29,25 +29,28 @@ class Transcript:
     """
     What several connections of one check sent and received, in order.
 
-    Only the first ``limit`` lines are kept, then a count: a failing
-    pipelining check must not print twenty thousand lines.
+    Only the first and the last ``keep`` lines are kept, with a count of
+    those between: a failing pipelining check must not print twenty
+    thousand lines, and the end is where a failure shows.
     """
 
-    def __init__(self, limit: int = 40) -> None:
-        self.limit = limit
-        self._lines: list[str] = []
-        self._omitted = 0
+    def __init__(self, keep: int = 12) -> None:
+        self.keep = keep
+        self._head: list[str] = []
+        self._tail: deque[str] = deque(maxlen=keep)
+        self._dropped = 0
 
     def note(self, text: str) -> None:
-        if len(self._lines) < self.limit:
-            self._lines.append(text)
-        else:
-            self._omitted += 1
+        if len(self._head) < self.keep:
+            self._head.append(text)
+            return
+        if len(self._tail) == self.keep:
+            self._dropped += 1
+        self._tail.append(text)
 
     def lines(self) -> list[str]:
-        if self._omitted:
-            return self._lines + [f"... {self._omitted} more lines not shown"]
-        return list(self._lines)
+        middle = [f"... {self._dropped} lines not shown ..."] if self._dropped else []
+        return self._head + middle + list(self._tail)
 
 
 class Probe(Protocol):

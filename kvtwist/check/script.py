@@ -9,6 +9,7 @@ and turns the first mismatch into a failure that shows the whole exchange.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,8 +46,9 @@ def error(hiding: bytes = b"\x1b") -> Expect:
     always hidden-checked, since an echoed escape sequence reaches
     someone's terminal.
     """
+    shown = "" if hiding == b"\x1b" else f" without {hiding!r}"
     return Expect(
-        f"a line starting 'Error: ' without {hiding!r}",
+        f"a line starting 'Error: '{shown}",
         lambda line: line.startswith(b"Error: ") and hiding not in line and b"\x1b" not in line,
     )
 
@@ -127,12 +129,15 @@ async def runScript(target: Target, group: str, script: Script) -> CheckResult:
                         return verdict(missing(probe, f"{exchange.until.decode()!r} eventually"))
                     if normal(line) == exchange.until:
                         break
-            for expect in exchange.expect:
+            requests = re.split(rb"[\n\0]", exchange.send)
+            for number, expect in enumerate(exchange.expect):
+                # Name the request when one write holds many.
+                to = f" to request {number + 1} ({requests[number]!r})" if len(exchange.expect) > 1 else ""
                 line = await probe.nextLine(timeout)
                 if line is None:
-                    return verdict(missing(probe, expect.description))
+                    return verdict(missing(probe, expect.description + to))
                 if not expect.test(normal(line)):
-                    return verdict(f"expected {expect.description}, got {line!r}")
+                    return verdict(f"expected {expect.description}{to}, got {line!r}")
             if exchange.closes and not await probe.waitClosed(timeout):
                 return verdict(f"expected the server to close the connection within {timeout:g} s")
         return verdict(None)

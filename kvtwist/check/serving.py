@@ -67,7 +67,7 @@ async def whileHeld(target: Target, name: str, label: str, first: bytes, rest: b
             if not result.passed:
                 return failed(
                     GROUP, name,
-                    f"while one client was slow, another got no timely reply: {result.summary}",
+                    f"while one client was slow, another client was not served: {result.summary}",
                     transcript.lines() + result.evidence,
                 )
         if rest is not None:

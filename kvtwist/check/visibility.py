@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.error import TimeoutError
+from twisted.internet.defer import TimeoutError, ensureDeferred, gatherResults
 
 from kvtwist.client import KVClient
 from kvtwist.check import workload

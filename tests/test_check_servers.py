@@ -1,0 +1,134 @@
+"""
+kvtwist-check end to end: the installed console script against real servers.
+
+kvtwist itself must pass both profiles; each deliberately broken server in
+``brokenservers`` must fail the checks that its bug violates; a correct
+server with its own error texts must pass the assignment profile.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from brokenservers import brokenServer
+from serverproc import ServerProcess
+
+CHECKER = str(Path(sys.executable).with_name("kvtwist-check"))
+# Short runs: a second of workload is thousands of operations, plenty to
+# catch these bugs; a short timeout keeps the stalling servers quick.
+QUICK = ["--clients", "20", "--duration", "1", "--timeout", "2", "--seed", "7"]
+
+
+def check(host: str, port: int, tmp_path: Path, *options: str) -> tuple[int, dict[str, Any], str, str]:
+    """Run the console script; its exit status, JSON report, stdout and stderr."""
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [CHECKER, host, str(port), "--json", str(report), *options],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    document = json.loads(report.read_text()) if report.exists() else {}
+    return done.returncode, document, done.stdout, done.stderr
+
+
+def verdicts(document: dict[str, Any]) -> dict[str, bool]:
+    return {entry["title"]: entry["passed"] for entry in document["checks"]}
+
+
+@pytest.mark.parametrize("profile", ["assignment", "kvtwist"])
+def test_kvtwistPasses(kvserver: ServerProcess, tmp_path: Path, profile: str) -> None:
+    """The real server, the default 50 clients: every check passes, exit status 0."""
+    status, document, out, err = check(
+        kvserver.host, kvserver.port, tmp_path, "--profile", profile, "--duration", "2"
+    )
+    assert status == 0, out + err
+    assert document["passed"] is True
+    titles = verdicts(document)
+    assert all(titles.values())
+    assert "concurrency: linearizability" in titles
+    assert ("conformance: error replies" in titles) == (profile == "kvtwist")
+    assert "12 checks: all passed" in out or "21 checks: all passed" in out
+    # Progress goes to stderr while it runs.
+    assert "concurrency:" in err and "PASS" in err
+
+
+@pytest.mark.parametrize(
+    "name, mustFail",
+    [
+        ("overwrite", {"conformance: sample session", "concurrency: linearizability"}),
+        ("lossy", {"concurrency: linearizability"}),
+        ("per-client", {"concurrency: cross-client visibility", "concurrency: linearizability"}),
+        ("one-at-a-time", {"serving at the same time: an idle client", "serving at the same time: a half-sent request"}),
+        ("reorder", {"conformance: 200 pipelined requests"}),
+    ],
+)
+def test_brokenServerIsCaught(tmp_path: Path, name: str, mustFail: set[str]) -> None:
+    with brokenServer(name) as (host, port):
+        status, document, out, err = check(host, port, tmp_path, *QUICK)
+    assert status == 1, out + err
+    failing = {title for title, ok in verdicts(document).items() if not ok}
+    assert mustFail <= failing, out
+
+
+def test_correctServerWithOtherErrorTextsPassesTheAssignment(tmp_path: Path) -> None:
+    with brokenServer("correct") as (host, port):
+        status, document, out, err = check(host, port, tmp_path, *QUICK)
+        assert status == 0, out + err
+        assert all(verdicts(document).values())
+        # The stricter profile notices the error texts and the lenient numbers.
+        status, document, out, err = check(host, port, tmp_path, *QUICK, "--profile", "kvtwist")
+    assert status == 1
+    failing = {title for title, ok in verdicts(document).items() if not ok}
+    assert {"conformance: error replies", "conformance: malformed integers"} <= failing
+    assert "concurrency: linearizability" not in failing
+
+
+def test_failureShowsTheExactExchange(tmp_path: Path) -> None:
+    with brokenServer("overwrite") as (host, port):
+        status, document, out, err = check(host, port, tmp_path, *QUICK)
+    sample = next(entry for entry in document["checks"] if entry["title"] == "conformance: sample session")
+    assert sample["summary"] == "expected 'Key already exists', got b'OK'"
+    assert "connection 1: sent     b'put 1 3\\n'" in sample["evidence"]
+    assert sample["evidence"][-1] == "connection 1: received b'OK\\n'"
+    assert "FAIL  conformance: sample session" in out
+    linear = next(entry for entry in document["checks"] if entry["title"] == "concurrency: linearizability")
+    witness = [line for line in linear["evidence"] if "'put " in line and "-> 'OK'" in line]
+    assert len(witness) >= 2, linear["evidence"]
+
+
+def freePort() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachableServerIsStatusTwoWithOneLine(tmp_path: Path) -> None:
+    status, document, out, err = check("127.0.0.1", freePort(), tmp_path)
+    assert status == 2
+    assert document == {} and out == ""
+    assert err.count("\n") == 1 and "cannot connect to 127.0.0.1:" in err
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [[], ["127.0.0.1"], ["127.0.0.1", "http"], ["127.0.0.1", "70000"], ["127.0.0.1", "1", "--clients", "0"],
+     ["127.0.0.1", "1", "--duration", "-1"], ["127.0.0.1", "1", "--profile", "strict"]],
+)
+def test_usageErrorsAreStatusTwo(arguments: list[str]) -> None:
+    done = subprocess.run([CHECKER, *arguments], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "usage: kvtwist-check" in done.stderr
+
+
+def test_runsAsAModule() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtwist.check", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert "--profile {assignment,kvtwist}" in done.stdout
