@@ -131,17 +131,25 @@ class EverySecond(_Policy):
 class Always(_Policy):
     """``--fsync always``: group commit.
 
-    Each reply batch is tagged with the number of records appended when it
-    was produced, and leaves once an fsync has covered that many.  While
-    one fsync runs (in a thread), the reactor goes on reading and
-    journaling; the next fsync then covers all of that at once.
+    Each reply batch is tagged with the newest record it depends on (a
+    write it made, or a value it read that an unsynced write set; see
+    ``JournaledStore.track_dependencies``) and leaves once an fsync has
+    covered that record.  Batches that depend on nothing unsynced leave at
+    once.  The batches of one connection always leave in the order they
+    were produced; a connection is known by the object whose bound method
+    the batch calls (the protocol).  While one fsync runs (in a thread),
+    the reactor goes on serving; the next fsync covers all that was
+    written meanwhile.
     """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._waiting: deque[tuple[int, Callable[..., object], tuple[object, ...]]] = deque()
+        self._waiting: deque[tuple[int, int, Callable[..., object], tuple[object, ...]]] = deque()
+        # The tag of each connection's last waiting batch.
+        self._lastWaiting: dict[int, int] = {}
         self._scheduled: Any = None
         self._failed = False
+        self.journaled.track_dependencies()
 
     def appended(self) -> None:
         # Wait for the end of this reactor turn, so that one fsync covers
@@ -151,10 +159,18 @@ class Always(_Policy):
 
     def whenDurable(self, f: Callable[..., object], *args: object) -> None:
         journaled = self.journaled
-        if self._failed or (not self._waiting and journaled.durable >= journaled.appended):
+        needs = journaled.take_dependency()
+        # id(), not the object: protocols need not be hashable.  A waiting
+        # batch holds its owner alive, so the id cannot be reused meanwhile.
+        owner = id(getattr(f, "__self__", None))
+        before = self._lastWaiting.get(owner)
+        if self._failed or (before is None and needs <= journaled.durable):
             f(*args)
-        else:
-            self._waiting.append((journaled.appended, f, args))
+            return
+        if before is not None and before > needs:
+            needs = before
+        self._waiting.append((needs, owner, f, args))
+        self._lastWaiting[owner] = needs
 
     def _commit(self) -> None:
         self._scheduled = None
@@ -163,10 +179,12 @@ class Always(_Policy):
 
     def _synced(self) -> None:
         durable = self.journaled.durable
-        waiting = self._waiting
-        while waiting and waiting[0][0] <= durable:
-            _, f, args = waiting.popleft()
-            f(*args)
+        ready = [(f, args) for needs, _, f, args in self._waiting if needs <= durable]
+        if ready:
+            self._waiting = deque(item for item in self._waiting if item[0] > durable)
+            self._lastWaiting = {owner: needs for needs, owner, _, _ in self._waiting}
+            for f, args in ready:
+                f(*args)
         # What was appended during that fsync has replies waiting: go on.
         self._commit()
 
@@ -176,7 +194,8 @@ class Always(_Policy):
         # instead, as after a crash.
         self._failed = True
         waiting, self._waiting = self._waiting, deque()
-        for _, f, _args in waiting:
+        self._lastWaiting = {}
+        for _, _, f, _ in waiting:
             _abortConnectionOf(f)
 
     def stop(self) -> defer.Deferred[None]:

@@ -57,6 +57,12 @@ class JournaledStore:
         self.durable = 0
         # ``get`` goes straight to the store: reads are most of the traffic.
         self.get: Callable[[int], int | None] = store.get
+        # With dependency tracking (see ``track_dependencies``): each key
+        # changed by a record not yet durable, with that record's number;
+        # and the highest such number read or written since the last
+        # ``take_dependency``.
+        self.dirty: dict[int, int] | None = None
+        self.dependency = 0
         self.on_append: Callable[[], None] = lambda: None
         self.on_read_only: Callable[[str], None] = lambda reason: None
         self.warnings: list[str] = []
@@ -100,15 +106,17 @@ class JournaledStore:
     def put(self, key: int, value: int) -> bool:
         self._check_writable()
         if key in self.store:
+            self._depend_on(key)
             return False
-        self._append(encode_put(key, value))
+        self._append(encode_put(key, value), key)
         return self.store.put(key, value)
 
     def delete(self, key: int) -> bool:
         self._check_writable()
         if key not in self.store:
+            self._depend_on(key)
             return False
-        self._append(encode_del(key))
+        self._append(encode_del(key), key)
         return self.store.delete(key)
 
     def items(self) -> Iterator[tuple[int, int]]:
@@ -126,14 +134,46 @@ class JournaledStore:
         if self.read_only_reason is not None:
             raise StoreError(f"store is read-only ({self.read_only_reason})")
 
-    def _append(self, record: bytes) -> None:
+    def _append(self, record: bytes, key: int) -> None:
         try:
             self.writer.append(record)
         except JournalWriteError as e:
             self.turn_read_only(f"journal write failed: {e}")
             raise StoreError(f"store is read-only ({self.read_only_reason})") from e
         self.appended += 1
+        if self.dirty is not None:
+            self.dirty[key] = self.dependency = self.appended
         self.on_append()
+
+    # Which replies depend on which records
+
+    def track_dependencies(self) -> None:
+        """Start noting, for each reply, the newest record it depends on.
+
+        A reply depends on a record that changed the key it reads or
+        writes: ``2`` after an unsynced ``put 1 2`` depends on that put;
+        ``Key not found`` after an unsynced ``del`` depends on the del.
+        Replies that touch only durable keys depend on nothing.
+        """
+        self.dirty = {}
+        self.get = self._tracked_get  # type: ignore[method-assign]
+
+    def _tracked_get(self, key: int) -> int | None:
+        if self.dirty:
+            self._depend_on(key)
+        return self.store.get(key)
+
+    def _depend_on(self, key: int) -> None:
+        dirty = self.dirty
+        if dirty:
+            number = dirty.get(key, 0)
+            if number > self.dependency:
+                self.dependency = number
+
+    def take_dependency(self) -> int:
+        """The newest record the replies produced since the last call depend on (0: none)."""
+        number, self.dependency = self.dependency, 0
+        return number
 
     def turn_read_only(self, reason: str) -> None:
         """Refuse all further changes; reads go on.  Only a restart undoes it."""
@@ -160,7 +200,12 @@ class JournaledStore:
         return self.appended, self.writer.sync
 
     def mark_durable(self, count: int) -> None:
-        self.durable = max(self.durable, count)
+        self.durable = durable = max(self.durable, count)
+        if self.dirty:
+            if durable >= self.appended:
+                self.dirty.clear()
+            else:
+                self.dirty = {key: n for key, n in self.dirty.items() if n > durable}
 
     def sync_failed(self, error: OSError) -> None:
         self.turn_read_only(f"journal fsync failed: {error.strerror or error}")

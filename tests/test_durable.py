@@ -171,6 +171,43 @@ def test_always_holds_every_reply_until_one_fsync(tmp_path, monkeypatch) -> None
     stop(durable, clock)
 
 
+def test_always_sends_at_once_what_depends_on_no_unsynced_write(tmp_path, monkeypatch) -> None:
+    durable, factory, clock = serve(tmp_path, "always")
+    durable.journaled.put(7, 70)
+    clock.advance(0)
+    syncs = SyncCounter(monkeypatch)
+    writer, writerTransport = connect(factory)
+    reader, readerTransport = connect(factory)
+    writer.dataReceived(b"put 1 10\ndel 7\n")
+    reader.dataReceived(b"get 2\nput 2 20\n")
+    assert readerTransport.value() == b""
+    reader.dataReceived(b"get 1\nput 1 11\nget 7\ndel 7\n")
+    other, otherTransport = connect(factory)
+    other.dataReceived(b"get 3\nput 1 12\n")
+    other.dataReceived(b"get 4\n")
+    assert writerTransport.value() == readerTransport.value() == b""
+    assert otherTransport.value() == b""
+    fresh, freshTransport = connect(factory)
+    fresh.dataReceived(b"get 3\nget 4\n")
+    assert freshTransport.value() == b"Key not found\nKey not found\n", "nothing unsynced was read"
+    clock.advance(0)
+    assert syncs.calls == 1
+    assert writerTransport.value() == b"OK\nOK\n"
+    assert readerTransport.value() == b"Key not found\nOK\n10\nKey already exists\nKey not found\nKey not found\n"
+    assert otherTransport.value() == b"Key not found\nKey already exists\nKey not found\n"
+
+
+def test_a_connection_s_replies_never_overtake_each_other(tmp_path) -> None:
+    durable, factory, clock = serve(tmp_path, "always")
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    proto.dataReceived(b"get 2\n")
+    proto.dataReceived(b"bye\n")
+    assert transport.value() == b"" and not transport.disconnecting
+    clock.advance(0)
+    assert transport.value() == b"OK\nKey not found\nGoodbye\n" and transport.disconnecting
+
+
 def test_always_keeps_reply_batches_in_order(tmp_path) -> None:
     durable, factory, clock = serve(tmp_path, "always")
     order: list[str] = []

@@ -54,8 +54,11 @@ def test_replies_pending_at_sigterm_are_sent(tmp_path) -> None:
         first = sock.recv(3)
         server.proc.send_signal(signal.SIGTERM)
         chunks = [first]
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass  # closed with requests still unread: the kernel resets instead of closing
     assert server.proc.wait(30) == -signal.SIGTERM
     replies = b"".join(chunks).split(b"\n")[:-1]
     answered = replies.count(b"OK")
