@@ -17,6 +17,7 @@ No Twisted imports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -74,7 +75,8 @@ def snapshot_steps(
         crashpoint("snapshot synced")
     except BaseException:
         writer.close()
-        os.remove(temp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
         raise
     writer.close()
     os.replace(temp, final)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from journalfiles import chop, flip_byte, puts, record_offset, write_journal, write_snapshot
+from kvtwist.compaction import Blocking
 from kvtwist.datadir import journal_name
+from kvtwist.journaled import JournaledStore
 from kvtwist.recovery import RecoveryError, recover
 
 
@@ -102,3 +108,54 @@ def test_a_journal_with_a_bad_header_is_refused(tmp_path) -> None:
     flip_byte(path, 2)
     with pytest.raises(RecoveryError, match="offset 0"):
         recover(str(tmp_path))
+
+
+# Whatever happens, reopening gives back exactly what was acknowledged.
+
+KEYS = st.integers(min_value=-3, max_value=3)
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), KEYS, st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+        st.tuples(st.just("del"), KEYS, st.just(0)),
+        st.tuples(st.just("compact"), st.integers(min_value=1, max_value=3), st.just(0)),
+        st.tuples(st.just("step"), st.just(0), st.just(0)),
+        st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ACTIONS)
+def test_reopening_gives_back_what_was_acknowledged(actions) -> None:
+    model: dict[int, int] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        journaled = JournaledStore.open(directory)
+        steps = None
+        for action, a, b in actions:
+            if action == "put":
+                if journaled.put(a, b):
+                    model[a] = b
+            elif action == "del":
+                if journaled.delete(a):
+                    del model[a]
+            elif action == "compact" and steps is None:
+                steps = journaled.compaction(chunk=a)
+            elif action == "step" and steps is not None:
+                step = next(steps, "done")
+                if isinstance(step, Blocking):
+                    step.fn()
+                elif step == "done":
+                    steps = None
+            elif action == "reopen":
+                if steps is not None:
+                    steps.close()
+                    steps = None
+                journaled.close()
+                journaled = JournaledStore.open(directory)
+                assert dict(journaled.items()) == model
+        assert dict(journaled.items()) == model
+        if steps is not None:
+            steps.close()
+        journaled.close()
+        assert recover(directory).data == model
