@@ -1,13 +1,15 @@
 """Compaction: replace the journals with a fresh snapshot, step by step.
 
-The caller has already started a new journal (generation N) and taken the
-list of keys at that moment.  The steps here write snapshot N from those
-keys, looking each value up only when its turn comes, so the snapshot is
-written in small pieces while the store keeps changing.  That is safe
-because journal N holds every change since the key list was taken and
-replaying it is a series of blind writes: for each key, the last change
-in journal N wins over whatever the snapshot caught, and a key with no
-change in journal N had the same value the whole time.
+The caller has already started a new journal (generation N).  The steps
+here write snapshot N from the store's keys, given in parts: each part is
+the keys of one part of the store at the moment the part is taken (the
+whole store, taken when journal N began, is one part).  Values are looked
+up when their turn comes, so the snapshot is written in small pieces while
+the store keeps changing.  That is safe because journal N holds every
+change made since it began, and replaying it is a series of blind writes:
+for each key, the last change in journal N wins over whatever the snapshot
+caught, and a key with no change in journal N was there, with the same
+value, the whole time, so its part listed it.
 
 The steps are a generator.  It yields ``None`` between pieces of work and
 ``Blocking(fn)`` for work that waits on the disk (fsync), which an event
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from kvtwist.datadir import TEMP_SUFFIX, fsync_dir, list_files, snapshot_name
 from kvtwist.snapshot import SnapshotWriter
@@ -44,7 +46,7 @@ class Blocking:
 def snapshot_steps(
     dirpath: str,
     generation: int,
-    keys: Sequence[int],
+    key_parts: Iterable[Sequence[int]],
     lookup: Callable[[int], int | None],
     crashpoint: Crashpoint = no_crash,
     chunk: int = CHUNK,
@@ -60,15 +62,16 @@ def snapshot_steps(
     temp = final + TEMP_SUFFIX
     writer = SnapshotWriter(temp, generation)
     try:
-        for start in range(0, len(keys), chunk):
-            pairs = []
-            for key in keys[start : start + chunk]:
-                value = lookup(key)
-                if value is not None:
-                    pairs.append((key, value))
-            writer.write(pairs)
-            crashpoint("snapshot partly written")
-            yield None
+        for keys in key_parts:
+            for start in range(0, len(keys), chunk):
+                pairs = []
+                for key in keys[start : start + chunk]:
+                    value = lookup(key)
+                    if value is not None:
+                        pairs.append((key, value))
+                writer.write(pairs)
+                crashpoint("snapshot partly written")
+                yield None
         writer.finish()
         crashpoint("snapshot written")
         yield Blocking(writer.sync)

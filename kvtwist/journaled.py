@@ -262,27 +262,29 @@ class JournaledStore:
         old.close()
         self.generation = generation
         self.compacting = True
-        keys = _key_list(self.store)
-        return self._compaction_steps(generation, keys, crashpoint, chunk)
+        parts = _key_parts(self.store)
+        return self._compaction_steps(generation, parts, crashpoint, chunk)
 
     def _compaction_steps(
-        self, generation: int, keys: list[int], crashpoint: compaction.Crashpoint, chunk: int
+        self, generation: int, parts: Iterator[list[int]], crashpoint: compaction.Crashpoint, chunk: int
     ) -> Iterator[compaction.Blocking | None]:
         try:
-            yield from compaction.snapshot_steps(self.dirpath, generation, keys, self.store.get, crashpoint, chunk)
+            yield from compaction.snapshot_steps(self.dirpath, generation, parts, self.store.get, crashpoint, chunk)
             self.snapshot_size = os.path.getsize(os.path.join(self.dirpath, snapshot_name(generation)))
             self._older_journal_bytes = 0
         finally:
             self.compacting = False
 
 
-def _key_list(store: Store) -> list[int]:
-    """Every key in ``store`` now, as a new list that later changes do not affect.
+def _key_parts(store: Store) -> Iterator[list[int]]:
+    """The store's keys in parts, for a snapshot (see ``kvtwist.compaction``).
 
-    ``Store.keys`` does that in bulk where the store has it; walking
-    ``items()`` is the slower way for stores that do not.
+    A store with ``key_parts()`` hands them out a part at a time, so no
+    single reactor turn lists every key; otherwise the whole key list is
+    taken now, in one part (``keys()`` in bulk, or by walking ``items()``).
     """
+    key_parts = getattr(store, "key_parts", None)
+    if key_parts is not None:
+        return iter(key_parts())
     keys = getattr(store, "keys", None)
-    if keys is not None:
-        return keys()
-    return [key for key, _ in store.items()]
+    return iter([keys() if keys is not None else [key for key, _ in store.items()]])

@@ -159,3 +159,38 @@ def test_reopening_gives_back_what_was_acknowledged(actions) -> None:
             steps.close()
         journaled.close()
         assert recover(directory).data == model
+
+
+def test_a_store_that_lists_its_keys_in_parts_is_snapshotted_part_by_part(tmp_path, monkeypatch) -> None:
+    """Each part is taken when its turn comes, while the store changes in between."""
+    from kvtwist.store import Store
+
+    taken: list[int] = []
+    done = [0]
+
+    def key_parts(store):
+        for part in range(4):
+            taken.append(done[0])
+            yield [k for k, _ in store.items() if k % 4 == part]
+
+    monkeypatch.setattr(Store, "key_parts", key_parts, raising=False)
+    journaled = JournaledStore.open(str(tmp_path))
+    for key in range(100):
+        journaled.put(key, key)
+    model = dict(journaled.items())
+    steps = journaled.compaction(chunk=10)
+    churn = iter(range(100, 10**6))
+    for step in steps:
+        if isinstance(step, Blocking):
+            step.fn()
+        done[0] += 1
+        n = next(churn)
+        for key in (n % 100, n):
+            if journaled.delete(key):
+                del model[key]
+            elif journaled.put(key, -n):
+                model[key] = -n
+    assert taken == sorted(set(taken)) and len(taken) == 4, "one part at a time, as the steps go"
+    assert dict(journaled.items()) == model
+    journaled.close()
+    assert recover(str(tmp_path)).data == model
