@@ -5,8 +5,9 @@ when it is made durable (the ``--fsync`` policy), when replies may leave
 (``whenDurable``), when to compact, and how to stop cleanly.
 
 - ``always``: group commit.  The first append of a reactor turn schedules
-  one fsync for the next turn; until it is done, every reply batch (on
-  any connection, gets included) waits, in the order it was produced.
+  one fsync (in a thread) for all the connections' writes; a reply batch
+  that depends on an unsynced write (its own, or one whose value it read)
+  waits for it, behind its connection's earlier batches.
 - ``everysec``: a timer fsyncs once a second; replies leave at once.
 - ``no``: the operating system decides; replies leave at once.
 """
@@ -173,11 +174,17 @@ class Always(_Policy):
         self._lastWaiting[owner] = needs
 
     def _commit(self) -> None:
+        """Start the next fsync, or, if another fsync (a compaction's) did the work, send."""
         self._scheduled = None
-        if self._inflight is None and not self._failed and self.journaled.unsynced:
+        if self._inflight is not None or self._failed:
+            return
+        if self.journaled.unsynced:
             self._syncInBackground()
+        else:
+            self._release()
 
-    def _synced(self) -> None:
+    def _release(self) -> None:
+        """Send the batches whose writes are durable now, in order."""
         durable = self.journaled.durable
         ready = [(f, args) for needs, _, f, args in self._waiting if needs <= durable]
         if ready:
@@ -185,6 +192,9 @@ class Always(_Policy):
             self._lastWaiting = {owner: needs for needs, owner, _, _ in self._waiting}
             for f, args in ready:
                 f(*args)
+
+    def _synced(self) -> None:
+        self._release()
         # What was appended during that fsync has replies waiting: go on.
         self._commit()
 
@@ -211,7 +221,7 @@ class Always(_Policy):
             self._inflight = defer.maybeDeferred(sync)
             self._inflight.addBoth(self._syncEnded, target)
         elif not self._failed:
-            self._synced()
+            self._release()
 
 
 def _abortConnectionOf(f: Callable[..., object]) -> None:
@@ -293,7 +303,9 @@ class DurableService(service.Service):
         if self._compaction is not None:
             return
         started = time.monotonic()
-        self._compaction = self.policy.whenIdle()
+        # Begin on a reactor turn of its own, never in the middle of a
+        # request, and once no fsync is under way.
+        self._compaction = task.deferLater(self.reactor, 0, self.policy.whenIdle)
         self._compaction.addCallback(lambda _: self._startCompaction())
         self._compaction.addCallbacks(lambda _: self._compacted(started), self._compactionFailed)
 

@@ -38,7 +38,7 @@ class JournaledStore:
         generation: int,
         lock: DirectoryLock | None = None,
         snapshot_size: int = 0,
-        journal_bytes: int = 0,
+        older_journal_bytes: int = 0,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
     ) -> None:
         self.dirpath = dirpath
@@ -47,8 +47,8 @@ class JournaledStore:
         self.generation = generation
         self.lock = lock
         self.snapshot_size = snapshot_size
-        # Bytes in the journals that recovery would replay, older ones included.
-        self._older_journal_bytes = journal_bytes - writer.size
+        # Bytes in the journals before the current one that recovery would replay.
+        self._older_journal_bytes = older_journal_bytes
         self.compact_min_bytes = compact_min_bytes
         self.read_only_reason: str | None = None
         self.compacting = False
@@ -85,8 +85,10 @@ class JournaledStore:
             if generation is None:
                 generation = max(recovered.snapshot_generation, 1)
                 writer = create_journal(dirpath, generation)
+                older = 0
             else:
                 writer = JournalWriter.open(os.path.join(dirpath, journal_name(generation)))
+                older = recovered.journal_bytes - writer.size
             store = Store()
             put = store.put
             for key, value in recovered.data.items():
@@ -96,7 +98,7 @@ class JournaledStore:
             raise
         journaled = cls(
             dirpath, store, writer, generation, lock,
-            recovered.snapshot_size, recovered.journal_bytes, compact_min_bytes,
+            recovered.snapshot_size, older, compact_min_bytes,
         )
         journaled.warnings = recovered.warnings
         return journaled
@@ -109,7 +111,9 @@ class JournaledStore:
             self._depend_on(key)
             return False
         self._append(encode_put(key, value), key)
-        return self.store.put(key, value)
+        self.store.put(key, value)
+        self.on_append()
+        return True
 
     def delete(self, key: int) -> bool:
         self._check_writable()
@@ -117,7 +121,9 @@ class JournaledStore:
             self._depend_on(key)
             return False
         self._append(encode_del(key), key)
-        return self.store.delete(key)
+        self.store.delete(key)
+        self.on_append()
+        return True
 
     def items(self) -> Iterator[tuple[int, int]]:
         return self.store.items()
@@ -143,7 +149,6 @@ class JournaledStore:
         self.appended += 1
         if self.dirty is not None:
             self.dirty[key] = self.dependency = self.appended
-        self.on_append()
 
     # Which replies depend on which records
 

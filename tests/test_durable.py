@@ -320,6 +320,7 @@ def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_
     fill(journaled, 0, 100)
     durable.compact()
     clock.advance(0)
+    clock.advance(0)
     assert len(syncs.held) == 1
     assert os.path.exists(tmp_path / "snapshot-00000002.kvs.tmp")
     fill(journaled, 200, 210)
@@ -368,6 +369,7 @@ def test_compaction_waits_for_the_background_fsync(tmp_path) -> None:
     journaled.put(1, 1)
     clock.advance(0)
     durable.compact()
+    clock.advance(0)
     assert journaled.generation == 1, "the journal is not switched under a running fsync"
     syncs.finish_one()
     assert journaled.generation == 2
@@ -377,3 +379,28 @@ def test_compaction_waits_for_the_background_fsync(tmp_path) -> None:
             syncs.finish_one()
     stop(durable, clock)
     assert recover(str(tmp_path)).data == {1: 1}
+
+
+def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> None:
+    """A compaction's own fsync covers a waiting write: its reply must still leave."""
+    from kvtwist.journal import HEADER_SIZE, RECORD_SIZE
+
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs, compact_min_bytes=HEADER_SIZE + 2 * RECORD_SIZE)
+    first, firstTransport = connect(factory)
+    second, secondTransport = connect(factory)
+    first.dataReceived(b"put 1 1\n")
+    clock.advance(0)
+    assert len(syncs.held) == 1
+    second.dataReceived(b"put 2 2\n")
+    clock.advance(0)
+    assert durable._compaction is not None and durable.journaled.generation == 1
+    syncs.finish_one()
+    assert durable.journaled.generation == 2 and not durable.journaled.unsynced
+    assert firstTransport.value() == secondTransport.value() == b"OK\n"
+    while durable._compaction is not None:
+        clock.advance(0)
+        while syncs.held:
+            syncs.finish_one()
+    stop(durable, clock)
+    assert recover(str(tmp_path)).data == {1: 1, 2: 2}
