@@ -51,6 +51,7 @@ class JournaledStore:
         self._older_journal_bytes = older_journal_bytes
         self.compact_min_bytes = compact_min_bytes
         self.read_only_reason: str | None = None
+        self.sync_broken = False
         self.compacting = False
         # Records appended so far, and how many of them are known durable.
         self.appended = 0
@@ -213,6 +214,7 @@ class JournaledStore:
                 self.dirty = {key: n for key, n in self.dirty.items() if n > durable}
 
     def sync_failed(self, error: OSError) -> None:
+        self.sync_broken = True
         self.turn_read_only(f"journal fsync failed: {error.strerror or error}")
 
     @property
@@ -220,13 +222,16 @@ class JournaledStore:
         return self.appended > self.durable
 
     def close(self) -> None:
-        """Sync (unless read-only), close the journal and release the lock.
+        """Sync, close the journal and release the lock.
 
+        The sync is tried also when the store turned read-only after a
+        failed append: what was written before it still deserves the disk.
+        Only after a failed fsync is it not retried (see docs/durability.md).
         Requests that still arrive while the server shuts down get a
         read-only error: nothing is appended to a closed journal.
         """
         try:
-            if self.read_only_reason is None and self.unsynced:
+            if self.unsynced and not self.sync_broken:
                 self.sync()
         finally:
             if self.read_only_reason is None:

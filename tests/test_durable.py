@@ -404,3 +404,17 @@ def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> 
             syncs.finish_one()
     stop(durable, clock)
     assert recover(str(tmp_path)).data == {1: 1, 2: 2}
+
+
+def test_what_was_written_before_a_failed_append_is_synced_at_stop(tmp_path, monkeypatch) -> None:
+    durable, factory, clock = serve(tmp_path, "no")
+    durable.journaled.put(1, 1)
+    syncs = SyncCounter(monkeypatch)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(Exception, match="read-only"):
+        durable.journaled.put(2, 2)
+    monkeypatch.setattr(os, "write", real_write)
+    stop(durable, clock)
+    assert syncs.calls == 1
+    assert recover(str(tmp_path)).data == {1: 1}
