@@ -65,7 +65,7 @@ class _Policy:
         return self.whenIdle()
 
     def whenIdle(self) -> defer.Deferred[None]:
-        """Fire when no background fsync is under way (the journal may then be switched or closed)."""
+        """Fire when no background fsync is under way (so that the last one can run in line)."""
         if self._inflight is None:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
@@ -86,8 +86,8 @@ class _Policy:
             self.journaled.sync_failed(error if isinstance(error, OSError) else OSError(str(error)))
         else:
             self.journaled.mark_durable(target)
-        # Those who waited for the fsync to end (to switch or close the
-        # journal) go first, before the next fsync can start.
+        # Those who waited for the fsync to end (to stop) go first, before
+        # the next fsync can start.
         waiters, self._idleWaiters = self._idleWaiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -297,16 +297,13 @@ class DurableService(service.Service):
     def compact(self) -> None:
         """Start a compaction, unless one is under way.
 
-        It waits for any background fsync to end, switches to a new journal
-        (quick), then writes the snapshot a piece per reactor turn.
+        Its steps run a piece per reactor turn, and its fsyncs in threads.
         """
         if self._compaction is not None:
             return
         started = time.monotonic()
-        # Begin on a reactor turn of its own, never in the middle of a
-        # request, and once no fsync is under way.
-        self._compaction = task.deferLater(self.reactor, 0, self.policy.whenIdle)
-        self._compaction.addCallback(lambda _: self._startCompaction())
+        # Begin on a reactor turn of its own, never in the middle of a request.
+        self._compaction = task.deferLater(self.reactor, 0, self._startCompaction)
         self._compaction.addCallbacks(lambda _: self._compacted(started), self._compactionFailed)
 
     def _startCompaction(self) -> defer.Deferred[Any] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import MutableMapping
@@ -178,13 +179,17 @@ class JournalWriter:
     Each append is one ``write`` to the operating system, done before the
     caller changes its in-memory state, so a record that was not written
     is never acknowledged.  ``sync`` makes what was written durable; when
-    to call it is up to the fsync policy.
+    to call it is up to the fsync policy.  ``sync`` may run in another
+    thread; ``close`` then waits for it before the file descriptor goes.
     """
 
     def __init__(self, path: str, fd: int, size: int) -> None:
         self.path = path
         self._fd = fd
         self.size = size
+        self._lock = threading.Lock()
+        self._syncing = 0
+        self._closing = False
 
     @classmethod
     def open(cls, path: str) -> "JournalWriter":
@@ -217,11 +222,32 @@ class JournalWriter:
         """Make every record written so far durable (fdatasync where available).
 
         Safe to call from another thread while appends go on: what was
-        written before the call is durable when it returns.
+        written before the call is durable when it returns.  After
+        ``close`` it does nothing: closing syncs first.
         """
-        _datasync(self._fd)
+        with self._lock:
+            if self._closing:
+                return
+            self._syncing += 1
+        try:
+            _datasync(self._fd)
+        finally:
+            with self._lock:
+                self._syncing -= 1
+                if self._closing and not self._syncing:
+                    self._release()
 
     def close(self) -> None:
+        """Close the file; if a sync is running in another thread, once it returns.
+
+        The caller syncs first when it wants what it wrote on disk.
+        """
+        with self._lock:
+            self._closing = True
+            if not self._syncing:
+                self._release()
+
+    def _release(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -257,33 +257,40 @@ class JournaledStore:
     def compaction(
         self, crashpoint: compaction.Crashpoint = compaction.no_crash, chunk: int = compaction.CHUNK
     ) -> Iterator[compaction.Blocking | None]:
-        """Start a new journal now, and return the steps that write the snapshot.
+        """The steps of a compaction, for the caller to drive (see ``kvtwist.compaction``).
 
-        The switch to the new journal happens before this returns (it is
-        quick); the snapshot is then written as the caller drives the steps.
+        First, off the event loop, the new journal is created and the
+        current one is fsynced; then, in one quick step, the rest of the
+        current journal is fsynced and writes switch to the new one; then
+        the snapshot is written.
         """
-        self.sync()
-        crashpoint("old journal synced")
-        generation = self.generation + 1
-        new = create_journal(self.dirpath, generation, crashpoint)
-        crashpoint("new journal durable")
-        old, self.writer = self.writer, new
-        self._older_journal_bytes += old.size
-        old.close()
-        self.generation = generation
         self.compacting = True
-        parts = _key_parts(self.store)
-        return self._compaction_steps(generation, parts, crashpoint, chunk)
+        return self._compaction_steps(crashpoint, chunk)
 
-    def _compaction_steps(
-        self, generation: int, parts: Iterator[list[int]], crashpoint: compaction.Crashpoint, chunk: int
-    ) -> Iterator[compaction.Blocking | None]:
+    def _compaction_steps(self, crashpoint: compaction.Crashpoint, chunk: int) -> Iterator[compaction.Blocking | None]:
+        generation = self.generation + 1
+        created: list[JournalWriter] = []
         try:
+            yield compaction.Blocking(lambda: created.append(create_journal(self.dirpath, generation, crashpoint)))
+            crashpoint("new journal durable")
+            yield compaction.Blocking(self.writer.sync)
+            self.sync()
+            crashpoint("old journal synced")
+            # The switch: from here on, journal N+1 holds every change.
+            old, self.writer = self.writer, created.pop()
+            self._older_journal_bytes += old.size
+            old.close()
+            self.generation = generation
+            parts = _key_parts(self.store)
             yield from compaction.snapshot_steps(self.dirpath, generation, parts, self.store.get, crashpoint, chunk)
             self.snapshot_size = os.path.getsize(os.path.join(self.dirpath, snapshot_name(generation)))
             self._older_journal_bytes = 0
         finally:
             self.compacting = False
+            for unused in created:
+                # Stopped before the switch: the empty new journal stays, and
+                # recovery replays it (empty) after the current one.
+                unused.close()
 
 
 def _key_parts(store: Store) -> Iterator[list[int]]:
