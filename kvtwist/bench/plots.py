@@ -29,6 +29,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 def throughputByConnections(plan: Sequence[Scenario], rows: Sequence[Row], path: Path) -> Path:
     """Median requests/s against active connections, one line per server (no pipelining)."""
     plt = _pyplot()
+    import matplotlib.ticker
+
     byKey = {s.key: s for s in plan}
     points: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
@@ -43,6 +45,7 @@ def throughputByConnections(plan: Sequence[Scenario], rows: Sequence[Row], path:
         xy.sort()
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=server)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("active connections (no pipelining)")
     ax.set_ylabel("requests/s (median of rounds)")
     ax.set_title("Throughput against connections, 80% gets")
@@ -61,8 +64,12 @@ def latencyCdf(plan: Sequence[Scenario], measurements: Sequence[Measurement], pa
     plt = _pyplot()
     titles = {s.key: s.title for s in plan}
     shown = [k for k in scenarios if any(m.scenario == k for m in measurements)]
-    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(4.5 * max(len(shown), 1), 4), squeeze=False)
-    for ax, key in zip(axes[0], shown):
+    columns = min(len(shown), 2) or 1
+    rows = (len(shown) + columns - 1) // columns or 1
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, shown):
         for server in sorted({m.server for m in measurements if m.scenario == key}):
             merged = mergeHistograms([m.histogram for m in measurements if m.scenario == key and m.server == server])
             total = sum(n for _, n in merged)
@@ -76,10 +83,10 @@ def latencyCdf(plan: Sequence[Scenario], measurements: Sequence[Measurement], pa
             ax.plot(xs, ys, label=server)
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of requests")
         ax.set_title(titles.get(key, key), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("fraction of requests")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -25,6 +25,9 @@ METRICS = {
     "rssPerKey": lambda m: m.rssPerKey,
     "memPerConnection": lambda m: m.memPerConnection,
 }
+# Taken from the first round only: it is the one where the server had never
+# held that many connections, so later rounds reuse memory and look free.
+FIRST_ROUND_ONLY = {"memPerConnection"}
 
 
 @dataclass
@@ -52,6 +55,12 @@ def _byRound(measurements: Sequence[Measurement], scenario: str, server: str) ->
     return sorted((m for m in measurements if m.scenario == scenario and m.server == server), key=lambda m: m.round)
 
 
+def _series(name: str, f, mine: Sequence[Measurement], base: Sequence[Measurement]):  # type: ignore[no-untyped-def]
+    if name in FIRST_ROUND_ONLY:
+        mine, base = mine[:1], base[:1]
+    return [f(m) for m in mine], [f(m) for m in base]
+
+
 def summarize(plan: Sequence[Scenario], measurements: Sequence[Measurement]) -> list[Row]:
     rows = []
     for scenario in plan:
@@ -62,11 +71,9 @@ def summarize(plan: Sequence[Scenario], measurements: Sequence[Measurement]) -> 
             base = _byRound(measurements, scenario.key, BASELINE.get(server, ""))
             ratios = {}
             if base and len(base) == len(mine):
-                ratios = {name: medianRatio([f(m) for m in mine], [f(m) for m in base]) for name, f in METRICS.items()}
-            rows.append(Row(
-                scenario.key, scenario.title, server, len(mine),
-                {name: median([f(m) for m in mine]) for name, f in METRICS.items()}, ratios,
-            ))
+                ratios = {name: medianRatio(*_series(name, f, mine, base)) for name, f in METRICS.items()}
+            medians = {name: median(_series(name, f, mine, mine)[0]) for name, f in METRICS.items()}
+            rows.append(Row(scenario.key, scenario.title, server, len(mine), medians, ratios))
     return rows
 
 
@@ -96,7 +103,10 @@ def formatTable(rows: Sequence[Row]) -> str:
         if r.scenario.startswith("mem"):
             memory, memRatio = f"{_fmt(r.medians['rssPerKey'], '.0f')} B/key", r.ratios.get("rssPerKey", math.nan)
         elif r.medians["memPerConnection"] > 0 and "idle" in r.scenario:
-            memory, memRatio = f"{_fmt(r.medians['memPerConnection'] / 1024, '.1f')} KiB/conn", r.ratios.get("memPerConnection", math.nan)
+            memory, memRatio = (
+                f"{_fmt(r.medians['memPerConnection'] / 1024, '.1f')} KiB/conn (round 1)",
+                r.ratios.get("memPerConnection", math.nan),
+            )
         else:
             memory, memRatio = "", math.nan
         lines.append([
@@ -156,4 +166,5 @@ def writeJson(path: Path, **sections: object) -> None:
             return dataclasses.asdict(o)
         raise TypeError(type(o).__name__)
 
-    path.write_text(json.dumps(sections, indent=1, default=default) + "\n")
+    # One line: the histograms would make an indented file megabytes long.
+    path.write_text(json.dumps(sections, separators=(",", ":"), default=default) + "\n")
