@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report.writeJson(
         args.out / "results.json",
-        command=["python", "-m", "kvtwist.bench", *(sys.argv[1:] if argv is None else argv)],
+        command=["python", "-m", "kvtwist.bench", *report.homeRelative(sys.argv[1:] if argv is None else argv)],
         machine=report.machine(args.server_python, args.pypy, redis),
         plan=ran, summary=rows, targets=verdicts, measurements=measurements,
     )

@@ -155,9 +155,16 @@ def machine(serverPython: str, pypy: str | None, redis: str | None) -> dict[str,
         "python": platform.python_implementation() + " " + platform.python_version(),
         "server_python": _firstLine([serverPython, "-VV"]),
         "pypy": " ".join(_firstLine([pypy, "-VV"]).split()) if pypy else "not measured",
+        "pypy_twisted": _firstLine([pypy, "-c", "import twisted; print(twisted.__version__)"]) if pypy else "",
         "twisted": twisted.__version__,
         "redis": _firstLine([redis, "--version"]) if redis else "not installed",
     }
+
+
+def homeRelative(argv: Sequence[str]) -> list[str]:
+    """The command line with the home directory written as ``~``, as a reader would type it."""
+    home = str(Path.home())
+    return [("~" + a[len(home):]) if a.startswith(home + os.sep) else a for a in argv]
 
 
 def writeJson(path: Path, **sections: object) -> None:
