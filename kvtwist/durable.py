@@ -119,7 +119,9 @@ class EverySecond(_Policy):
 
     def _tick(self) -> None:
         journaled = self.journaled
-        if self._inflight is None and journaled.read_only_reason is None and journaled.unsynced:
+        # Also when read-only after a failed append: what was written before
+        # it still deserves the disk.  Not after a failed fsync.
+        if self._inflight is None and not journaled.sync_broken and journaled.unsynced:
             self._syncInBackground()
 
     def stop(self) -> defer.Deferred[None]:
