@@ -144,3 +144,42 @@ def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None
     state: dict[int, int] = {}
     assert journal.read_journal(path, state).clean
     assert state == {1: 1, 3: 3}
+
+
+def test_close_waits_for_a_sync_running_in_another_thread(tmp_path, monkeypatch) -> None:
+    """The compaction closes the old journal while the fsync policy may still sync it."""
+    import threading
+
+    path = str(tmp_path / "j")
+    with open(path, "wb") as f:
+        f.write(journal.encode_header(journal.MAGIC, 1))
+    writer = JournalWriter.open(path)
+    fd = writer._fd
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(os, "fdatasync", os.fsync)
+
+    def slow_sync(n: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(n)
+
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", slow_sync)
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(writer.sync, errors))
+    thread.start()
+    assert entered.wait(10)
+    writer.close()
+    os.fstat(fd)  # still open: the sync is using it
+    release.set()
+    thread.join(10)
+    assert errors == []
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    writer.sync()  # after close: nothing to do, no error
+
+
+def _capture(fn, errors: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        errors.append(e)
