@@ -13,9 +13,11 @@ Design:
 - Open addressing with linear probing; deletion shifts later entries back
   (no tombstones), so put/delete churn never degrades lookups or forces a
   rebuild.
-- Keys are hashed by multiplying with a random odd 64-bit number chosen per
-  map, so clients cannot pick keys that all collide; the top bits of the
-  product pick the shard and the slot (Fibonacci hashing).
+- A key's hash is Python's hash of the pair (salt, key), with a random salt
+  per map: the tuple hash mixes well, so clients cannot easily pick keys
+  that collide, and it stays within a machine word, which matters on PyPy
+  (a 64-bit multiply there becomes a heap-allocated big integer). The low
+  bits pick the shard, the next ones the slot.
 - The map is split into 256 shards that grow independently. Growing
   rehashes one shard, 1/256 of the entries, so no single put stalls the
   server for long, even at millions of keys.
@@ -32,25 +34,22 @@ from collections.abc import Iterator
 # Zero marks an empty slot: fresh tables are zero bytes, and C-level
 # truth tests (filter(None, ...)) skip empty slots without Python calls.
 EMPTY = 0
-_MASK64 = 2**64 - 1
 _SHARD_BITS = 8
-_SHARD_SHIFT = 64 - _SHARD_BITS
+_SHARD_MASK = (1 << _SHARD_BITS) - 1
 _MIN_BITS = 3
 # Linear probing stays fast up to about 70% full.
 _MAX_LOAD = 0.7
 
 
 class _Shard:
-    """One open-addressing table; ``h`` arguments are the 64-bit hash of the key."""
+    """One open-addressing table; ``h`` arguments are the hash of the key."""
 
-    __slots__ = ("keys", "values", "shift", "mask", "size", "limit")
+    __slots__ = ("keys", "values", "mask", "size", "limit")
 
     def __init__(self, bits: int) -> None:
         capacity = 1 << bits
         self.keys = array("q", bytes(8 * capacity))
         self.values = array("q", bytes(8 * capacity))
-        # The slot is taken from the hash bits just below the shard bits.
-        self.shift = _SHARD_SHIFT - bits
         self.mask = capacity - 1
         self.size = 0
         self.limit = int(capacity * _MAX_LOAD)
@@ -58,7 +57,7 @@ class _Shard:
     def find(self, key: int, h: int) -> int:
         """The slot holding ``key``; if absent, ``~slot`` of the empty slot where it would go (negative)."""
         keys, mask = self.keys, self.mask
-        i = (h >> self.shift) & mask
+        i = (h >> _SHARD_BITS) & mask
         while True:
             k = keys[i]
             if k == key:
@@ -77,16 +76,16 @@ class _Shard:
         self.size += 1
         return True
 
-    def remove(self, slot: int, multiplier: int) -> None:
+    def remove(self, slot: int, salt: int) -> None:
         """Empty ``slot``, shifting back later entries of its run that may move (no tombstones)."""
-        keys, values, mask, shift = self.keys, self.values, self.mask, self.shift
+        keys, values, mask = self.keys, self.values, self.mask
         hole = j = slot
         while True:
             j = (j + 1) & mask
             k = keys[j]
             if k == EMPTY:
                 break
-            home = (((k * multiplier) & _MASK64) >> shift) & mask
+            home = (hash((salt, k)) >> _SHARD_BITS) & mask
             # The entry at j may fill the hole unless its home lies
             # cyclically after the hole and at or before j.
             if (home - hole - 1) & mask >= (j - hole) & mask:
@@ -96,11 +95,11 @@ class _Shard:
         keys[hole] = EMPTY
         self.size -= 1
 
-    def grown(self, multiplier: int) -> _Shard:
+    def grown(self, salt: int) -> _Shard:
         bigger = _Shard(self.mask.bit_length() + 1)
         for k, v in zip(self.keys, self.values):
             if k != EMPTY:
-                bigger.insert(k, v, (k * multiplier) & _MASK64)
+                bigger.insert(k, v, hash((salt, k)))
         return bigger
 
 
@@ -113,21 +112,19 @@ class IntMap:
     raises OverflowError for others.
     """
 
-    __slots__ = ("_shards", "_multiplier", "_special")
+    __slots__ = ("_shards", "_salt", "_special")
 
-    def __init__(self, multiplier: int | None = None) -> None:
-        """``multiplier`` (odd) fixes the hash, for tests; by default it is random."""
+    def __init__(self, salt: int | None = None) -> None:
+        """``salt`` fixes the hash, for tests; by default it is random."""
         self._shards = [_Shard(_MIN_BITS) for _ in range(1 << _SHARD_BITS)]
-        self._multiplier = secrets.randbits(64) | 1 if multiplier is None else multiplier
-        if not self._multiplier & 1:
-            raise ValueError("the multiplier must be odd")
+        self._salt = secrets.randbits(60) if salt is None else salt
         self._special: dict[int, int] = {}
 
     def get(self, key: int, default: int | None = None) -> int | None:
         if key == EMPTY:
             return self._special.get(key, default)
-        h = (key * self._multiplier) & _MASK64
-        shard = self._shards[h >> _SHARD_SHIFT]
+        h = hash((self._salt, key))
+        shard = self._shards[h & _SHARD_MASK]
         slot = shard.find(key, h)
         return default if slot < 0 else shard.values[slot]
 
@@ -139,25 +136,25 @@ class IntMap:
             array("q", [value])  # the same range check as the tables
             self._special[key] = value
             return True
-        h = (key * self._multiplier) & _MASK64
+        h = hash((self._salt, key))
         shards = self._shards
-        shard = shards[h >> _SHARD_SHIFT]
+        shard = shards[h & _SHARD_MASK]
         if not shard.insert(key, value, h):
             return False
         if shard.size > shard.limit:
-            shards[h >> _SHARD_SHIFT] = shard.grown(self._multiplier)
+            shards[h & _SHARD_MASK] = shard.grown(self._salt)
         return True
 
     def delete(self, key: int) -> bool:
         """Remove ``key``; True if it was there."""
         if key == EMPTY:
             return self._special.pop(key, None) is not None
-        h = (key * self._multiplier) & _MASK64
-        shard = self._shards[h >> _SHARD_SHIFT]
+        h = hash((self._salt, key))
+        shard = self._shards[h & _SHARD_MASK]
         slot = shard.find(key, h)
         if slot < 0:
             return False
-        shard.remove(slot, self._multiplier)
+        shard.remove(slot, self._salt)
         return True
 
     def items(self) -> Iterator[tuple[int, int]]:
@@ -183,5 +180,5 @@ class IntMap:
             return False
         if key == EMPTY:
             return key in self._special
-        h = (key * self._multiplier) & _MASK64
-        return self._shards[h >> _SHARD_SHIFT].find(key, h) >= 0
+        h = hash((self._salt, key))
+        return self._shards[h & _SHARD_MASK].find(key, h) >= 0
