@@ -23,7 +23,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
     p.add_argument("--server-warmup", type=float, default=None,
                    help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick)")
-    p.add_argument("--only", default="", help="comma-separated scenario keys to run (default all)")
+    keys = ", ".join(s.key for s in plan.fullPlan())
+    p.add_argument("--only", default="", help=f"comma-separated scenario keys to run, from: {keys} (default all)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.md and plots")
     p.add_argument("--server-python", default=sys.executable, help="interpreter that runs kvtwist (default: this one)")
     p.add_argument("--pypy", default=None, metavar="INTERPRETER",
