@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from kvtwist.bench import build, plan, plots, report, runner, servers
+from kvtwist.bench import build, loadgen, plan, plots, report, runner, servers
 
 
 def parseArgs(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     options = servers.Options(python=args.server_python, pypy=args.pypy, redis=redis, cserver=cserver)
 
     serverWarmup = args.server_warmup if args.server_warmup is not None else (0.0 if args.quick else runner.SERVER_WARMUP)
-    measurements = runner.runPlan(scenarios, options, kvbench, say, serverWarmup)
+    try:
+        measurements = runner.runPlan(scenarios, options, kvbench, say, serverWarmup)
+    except (servers.ServerError, loadgen.LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     # Scenarios as run: without the servers that were not available.
     ran = [replace(s, servers=tuple(k for k in s.servers if any(m.server == k and m.scenario == s.key for m in measurements)))
            for s in scenarios]
