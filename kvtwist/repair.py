@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         lock.release()
-    state = "repaired" if actions else "nothing to repair"
-    print(f"{dirpath}: {state}; it now loads {len(recovered.data)} keys")
+    state = "repaired; it now loads" if actions else "nothing to repair; it loads"
+    print(f"{dirpath}: {state} {len(recovered.data)} keys")
     return 0
 
 
