@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from kvtwist.datadir import TEMP_SUFFIX, fsync_dir, list_files, snapshot_name
 from kvtwist.snapshot import SnapshotWriter
 
-CHUNK = 4096
+CHUNK = 1024
 
 Crashpoint = Callable[[str], None]
 
