@@ -8,12 +8,13 @@ first) and the model in ``kvtwist.check.model`` gives every operation the
 reply it got.
 
 The search is the one of Wing and Gong (1993) with the memoization added by
-Lowe (2017), as used by Knossos and Porcupine: walk a linked list of call and
-return events; try to linearize each operation that has been called; back
-track when a return event is reached whose operation is not linearized yet.
-A cache of (set of linearized operations, model state) pairs prunes every
-configuration already explored, which turns the exponential search into one
-that handles thousands of operations per key in practice.
+Lowe (2017), as used by Knossos and Porcupine: keep a linked list of call and
+return events; at each step linearize one operation that has been called
+before the first pending return; back track when no operation can go. A
+cache of (set of linearized operations, model state) pairs prunes every
+configuration already explored. Two pruning rules for this model (see
+``_Search``) keep it fast with thousands of operations per key and dozens
+of them concurrent.
 
 Keys are checked one by one (see ``history.byKey``). When a key fails, a
 minimal set of replies that cannot all be right is searched for; see
@@ -29,91 +30,169 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from kvtwist.check import model
-from kvtwist.check.history import Operation, Outcome, byKey
+from kvtwist.check.history import DEL, GET, PUT, Operation, Outcome, byKey
 
 
 def isLinearizable(operations: Sequence[Operation], initial: model.State = model.UNKNOWN) -> bool:
     """Whether ``operations`` (all on one key) can be linearized from ``initial``."""
-    return _search(
-        [(op.call, op.ret, op.verb, op.value, op.outcome, model.isOptional(op.verb, op.outcome)) for op in operations],
-        initial,
-    )
+    return _Search(operations).run(initial)
 
 
-def _search(ops: list[tuple[float, float, str, int | None, object, bool]], state: model.State) -> bool:
-    count = len(ops)
-    if count == 0:
-        return True
-    # Events: call of operation i is node i, its return is node count + i.
-    # At equal times calls sort first, so touching intervals count as
-    # concurrent; that only ever allows more orders, never fewer.
-    events = sorted(range(2 * count), key=lambda node: (ops[node % count][node // count], node // count))
-    head = 2 * count
-    nxt = [0] * (2 * count + 1)
-    prv = [0] * (2 * count + 1)
-    previous = head
-    for node in events:
-        nxt[previous] = node
-        prv[node] = previous
-        previous = node
-    nxt[previous] = -1
+class _Search:
+    """
+    One Wing–Gong search over one key's history.
 
-    def lift(call: int) -> None:
-        ret = call + count
-        nxt[prv[call]] = nxt[call]
-        if nxt[call] != -1:
-            prv[nxt[call]] = prv[call]
-        nxt[prv[ret]] = nxt[ret]
-        if nxt[ret] != -1:
-            prv[nxt[ret]] = prv[ret]
+    Two rules, both specific to this model and both proven safe in
+    docs/checker.md, keep the search from exploding when dozens of clients
+    hit the same key:
 
-    def unlift(call: int) -> None:
-        ret = call + count
-        nxt[prv[ret]] = ret
-        if nxt[ret] != -1:
-            prv[nxt[ret]] = ret
-        nxt[prv[call]] = call
-        if nxt[call] != -1:
-            prv[nxt[call]] = call
+    - *Reads go first.* An operation that changes nothing (a get, a put
+      answered ``Key already exists``, a del answered ``Key not found``)
+      whose reply matches the current state is linearized at once, without
+      a choice point: any order that places it later can place it now.
+    - *Earliest deadline first.* Among operations with the same effect and
+      the same requirement (say, several deletes answered ``OK``), only the
+      one that returned first needs trying: any order that starts with
+      another can swap the two.
+    """
 
-    # The memo is keyed on the set of linearized operations. Instead of a
-    # bitset of thousands of bits (slow to hash), the set is represented by
-    # the XOR of a random 128-bit tag per operation (Zobrist hashing): two
-    # different sets share a value with probability 2**-128, far below any
-    # chance that matters, and each step costs one XOR.
-    tags = [random.getrandbits(128) for _ in range(count)]
-    step = model.step
-    seen: set[tuple[int, model.State]] = set()
-    stack: list[tuple[int, model.State]] = []
-    linearized = 0
-    node = nxt[head]
-    while nxt[head] != -1:
-        if node < count:
-            _, _, verb, value, outcome, optional = ops[node]
-            candidate = linearized ^ tags[node]
-            after = step(state, verb, value, outcome)
-            # An operation whose reply is unknown may also have done nothing.
-            if after is None or (candidate, after) in seen:
-                after = state if optional and (candidate, state) not in seen else None
-            if after is not None:
-                seen.add((candidate, after))
-                stack.append((node, state))
-                state = after
-                linearized = candidate
-                lift(node)
-                node = nxt[head]
+    def __init__(self, operations: Sequence[Operation]) -> None:
+        self.count = count = len(operations)
+        self.calls = [op.call for op in operations]
+        self.rets = [op.ret for op in operations]
+        self.steps = [(op.verb, op.value, op.outcome) for op in operations]
+        self.optional = [model.isOptional(op.verb, op.outcome) for op in operations]
+        self.free = [not model.hasEffect(op.verb, op.outcome) for op in operations]
+        read = {op.outcome for op in operations if op.verb == GET and isinstance(op.outcome, int)}
+        self.kinds: list[object] = []
+        for index, op in enumerate(operations):
+            if self.optional[index]:
+                self.kinds.append(index)
+            elif op.verb == PUT and op.outcome is Outcome.OK:
+                # Puts of values nobody read are interchangeable.
+                self.kinds.append((PUT, op.value if op.value in read else None))
             else:
+                self.kinds.append((op.verb, op.outcome))
+        # What state a blocked operation waits for: a value, absent, or any value.
+        self.needs = [_needs(op.verb, op.outcome) for op in operations]
+        # The memo is keyed on the set of linearized operations. Instead of
+        # a bitset of thousands of bits (slow to hash), the set is the XOR
+        # of a random 128-bit tag per operation (Zobrist hashing): two sets
+        # share a value with probability 2**-128, and each step is one XOR.
+        self.tags = [random.getrandbits(128) for _ in range(count)]
+        # Events: the call of operation i is node i, its return node
+        # count + i. At equal times calls sort first, so touching intervals
+        # count as concurrent; that only ever allows more orders.
+        times = (self.calls, self.rets)
+        events = sorted(range(2 * count), key=lambda node: (times[node // count][node % count], node // count))
+        self.head = head = 2 * count
+        self.nxt = nxt = [-1] * (2 * count + 1)
+        self.prv = prv = [0] * (2 * count + 1)
+        previous = head
+        for node in events:
+            nxt[previous] = node
+            prv[node] = previous
+            previous = node
+
+    def _urgency(self, choice: tuple[int, model.State], waiting: dict[object, float]) -> tuple[float, float]:
+        node, after = choice
+        helps = waiting.get(after, math.inf)
+        if after is not model.ABSENT:
+            helps = min(helps, waiting.get(model.PRESENT, math.inf))
+        return min(helps, self.rets[node]), self.rets[node]
+
+    def _lift(self, call: int) -> None:
+        nxt, prv = self.nxt, self.prv
+        for node in (call, call + self.count):
+            nxt[prv[node]] = nxt[node]
+            if nxt[node] != -1:
+                prv[nxt[node]] = prv[node]
+
+    def _unlift(self, call: int) -> None:
+        nxt, prv = self.nxt, self.prv
+        for node in (call + self.count, call):
+            nxt[prv[node]] = node
+            if nxt[node] != -1:
+                prv[nxt[node]] = node
+
+    def run(self, state: model.State) -> bool:
+        count, nxt, head, tags, step = self.count, self.nxt, self.head, self.tags, model.step
+        seen: set[tuple[int, model.State]] = set()
+        # (operation, state before it, the choices it was one of or None
+        # if it was forced, the index of the next choice to try)
+        trail: list[tuple[int, model.State, list[tuple[int, model.State]] | None, int]] = []
+        linearized = 0
+        while True:
+            # Forced steps: matching reads, as long as there are any. Only
+            # the operations called before the first pending return may go.
+            node = nxt[head]
+            while 0 <= node < count:
+                if self.free[node]:
+                    after = step(state, *self.steps[node])
+                    if after is not None and after == state:
+                        self._lift(node)
+                        linearized ^= tags[node]
+                        trail.append((node, state, None, 0))
+                        node = nxt[head]
+                        continue
                 node = nxt[node]
-        else:
-            # A return whose operation is not linearized yet: every order
-            # from here on violates real time. Undo the last choice, and
-            # look at that operation again: it may have another way to go.
-            if not stack:
-                return False
-            node, state = stack.pop()
-            linearized ^= tags[node]
-            unlift(node)
-    return True
+            if nxt[head] == -1:
+                return True
+            # Choice point: the earliest deadline of each kind of step.
+            best: dict[object, tuple[int, model.State]] = {}
+            # The most urgent operation waiting for each state, to try
+            # first the step that lets it go.
+            waiting: dict[object, float] = {}
+            node = nxt[head]
+            while 0 <= node < count:
+                after = step(state, *self.steps[node])
+                if after is not None:
+                    kind = self.kinds[node]
+                    other = best.get(kind)
+                    if other is None or self.rets[node] < self.rets[other[0]]:
+                        best[kind] = (node, after)
+                else:
+                    needs = self.needs[node]
+                    if self.rets[node] < waiting.get(needs, math.inf):
+                        waiting[needs] = self.rets[node]
+                if self.optional[node]:
+                    # A request without a usable reply may have done nothing.
+                    best[("skipped", node)] = (node, state)
+                node = nxt[node]
+            choices = sorted(best.values(), key=lambda choice: self._urgency(choice, waiting))
+            index = 0
+            while True:
+                # Take the next choice not explored before, or back track.
+                while index < len(choices):
+                    node, after = choices[index]
+                    index += 1
+                    if (linearized ^ tags[node], after) not in seen:
+                        seen.add((linearized ^ tags[node], after))
+                        trail.append((node, state, choices, index))
+                        self._lift(node)
+                        linearized ^= tags[node]
+                        state = after
+                        break
+                else:
+                    if not trail:
+                        return False
+                    node, state, previous, index = trail.pop()
+                    self._unlift(node)
+                    linearized ^= tags[node]
+                    if previous is not None:
+                        choices = previous
+                    else:
+                        choices, index = [], 0
+                    continue
+                break
+
+
+def _needs(verb: str, outcome: object) -> object:
+    if verb == GET and isinstance(outcome, int):
+        return outcome
+    if outcome is Outcome.EXISTS or (verb == DEL and outcome is Outcome.OK):
+        return model.PRESENT
+    return model.ABSENT
 
 
 @dataclass
