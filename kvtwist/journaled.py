@@ -22,9 +22,11 @@ from kvtwist.journal import JournalWriteError, JournalWriter, encode_del, encode
 from kvtwist.recovery import recover
 from kvtwist.store import Store, StoreError
 
-# Compact once the journals are at least this big and twice the snapshot.
+# Compact once the journals are at least this big and as big as the
+# snapshot (Redis's default rewrite point), which bounds what recovery
+# replays to about one record per key.
 COMPACT_MIN_BYTES = 8 * 1024 * 1024
-COMPACT_RATIO = 2
+COMPACT_RATIO = 1
 
 
 class JournaledStore:
