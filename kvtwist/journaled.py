@@ -92,10 +92,7 @@ class JournaledStore:
             else:
                 writer = JournalWriter.open(os.path.join(dirpath, journal_name(generation)))
                 older = recovered.journal_bytes - writer.size
-            store = Store()
-            put = store.put
-            for key, value in recovered.data.items():
-                put(key, value)
+            store = _loaded_store(recovered.data)
         except BaseException:
             lock.release()
             raise
@@ -293,6 +290,19 @@ class JournaledStore:
                 # Stopped before the switch: the empty new journal stays, and
                 # recovery replays it (empty) after the current one.
                 unused.close()
+
+
+def _loaded_store(data: dict[int, int]) -> Store:
+    """A new ``Store`` holding ``data``: in bulk where the store offers ``load``."""
+    store = Store()
+    load = getattr(store, "load", None)
+    if load is not None:
+        load(data.items())
+    else:
+        put = store.put
+        for key, value in data.items():
+            put(key, value)
+    return store
 
 
 def _key_parts(store: Store) -> Iterator[list[int]]:

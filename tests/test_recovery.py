@@ -194,3 +194,21 @@ def test_a_store_that_lists_its_keys_in_parts_is_snapshotted_part_by_part(tmp_pa
     assert dict(journaled.items()) == model
     journaled.close()
     assert recover(str(tmp_path)).data == model
+
+
+def test_a_store_that_loads_in_bulk_is_filled_in_one_call(tmp_path, monkeypatch) -> None:
+    from kvtwist.store import Store
+
+    calls: list[int] = []
+
+    def load(store, pairs):
+        pairs = list(pairs)
+        calls.append(len(pairs))
+        for key, value in pairs:
+            store.put(key, value)
+
+    write_journal(tmp_path, 1, puts(0, 5))
+    monkeypatch.setattr(Store, "load", load, raising=False)
+    journaled = JournaledStore.open(str(tmp_path))
+    assert calls == [5] and dict(journaled.items()) == {k: k * 10 for k in range(5)}
+    journaled.close()
