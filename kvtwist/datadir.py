@@ -74,14 +74,6 @@ def fsync_dir(dirpath: str) -> None:
         os.close(fd)
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file_atomically(
     dirpath: str, name: str, data: bytes, crashpoint: Callable[[str], None] = lambda step: None, label: str = "file"
 ) -> None:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from kvtwist import journal, snapshot
 from kvtwist.datadir import list_files
+
+
+T = TypeVar("T")
 
 
 class RecoveryError(Exception):
@@ -103,7 +107,8 @@ def recover(dirpath: str, truncate_torn: bool = True) -> Recovered:
     return recovered
 
 
-def _checked(dirpath, read):
+def _checked(dirpath: str, read: Callable[[], T]) -> T:
+    """Run ``read``, turning a bad header into the operator's message."""
     try:
         return read()
     except journal.JournalFormatError as e:
