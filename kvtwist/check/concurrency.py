@@ -151,11 +151,14 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
             **stats,
         )
     evidence = []
-    for verdict in bad:
+    for verdict in sorted(bad, key=lambda verdict: len(verdict.witness) + len(verdict.others)):
         if verdict.witness:
             evidence += explainWitness(verdict)
-        else:
-            evidence.append(f"key {verdict.key}: also not linearizable ({verdict.operations} operations)")
+    evidence += [
+        f"key {verdict.key}: also not linearizable ({verdict.operations} operations)"
+        for verdict in bad
+        if not verdict.witness
+    ]
     return failed(
         GROUP, name, f"{len(bad)} of {len(verdicts)} keys have a history that is not linearizable", evidence, **stats
     )

@@ -221,26 +221,33 @@ def checkHistory(
     clock: Callable[[], float] = time.monotonic,
 ) -> list[KeyVerdict]:
     """
-    Check every key of a history; shrink a witness for the first failing keys.
+    Check every key of a history; find short witnesses for failing keys.
 
-    Only the first ``witnesses`` failing keys get a witness: one shows the
-    bug, more only make the report longer. ``minimizeSeconds`` bounds the
-    time spent shrinking; a witness not shrunk in time is still correct,
-    only larger.
+    Witnesses are searched for up to twice ``witnesses`` failing keys, and
+    the ``witnesses`` shortest are kept: one shows the bug, more only make
+    the report longer. ``minimizeSeconds`` bounds the time spent shrinking;
+    a witness not shrunk in time is still correct, only larger.
     """
     verdicts = []
     deadline = clock() + minimizeSeconds
+    tries = 2 * witnesses
     for key, ops in sorted(byKey(operations).items()):
         if isLinearizable(ops):
             verdicts.append(KeyVerdict(key, len(ops), True))
-        elif witnesses > 0 and clock() < deadline:
-            witnesses -= 1
+        elif tries > 0 and clock() < deadline:
+            tries -= 1
             found = minimalWitness(ops, deadline, clock)
             verdicts.append(
                 KeyVerdict(key, len(ops), False, found.replies, found.minimal, found.others, found.window)
             )
         else:
             verdicts.append(KeyVerdict(key, len(ops), False, minimal=False))
+    found = sorted(
+        (verdict for verdict in verdicts if verdict.witness),
+        key=lambda verdict: (len(verdict.witness) + len(verdict.others), verdict.key),
+    )
+    for verdict in found[witnesses:]:
+        verdict.witness, verdict.others, verdict.minimal = (), (), False
     return verdicts
 
 

@@ -100,7 +100,7 @@ class Probe(Protocol):
         connection, or it stayed silent.
         """
         if self._lines:
-            return succeed(self._lines.popleft())
+            return succeed(self._handOut(self._lines.popleft()))
         if self.closed:
             return succeed(None)
         waiter: Deferred[bytes | None] = Deferred()
@@ -129,11 +129,15 @@ class Probe(Protocol):
 
         return done.addTimeout(timeout, self.reactor).addErrback(stillOpen)
 
+    def _handOut(self, line: bytes) -> bytes:
+        # Lines enter the transcript when they are read, not when they
+        # arrive, so a transcript ends at the reply that failed a check.
+        self._note("received " + showBytes(line + b"\n"))
+        return line
+
     def dataReceived(self, data: bytes) -> None:
         *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self._note("received " + showBytes(line + b"\n"))
-            self._lines.append(line)
+        self._lines.extend(lines)
         self._wake()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -157,7 +161,7 @@ class Probe(Protocol):
             return
         if self._lines:
             self._waiter = None
-            waiter.callback(self._lines.popleft())
+            waiter.callback(self._handOut(self._lines.popleft()))
         elif self.closed:
             self._waiter = None
             waiter.callback(None)

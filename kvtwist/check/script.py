@@ -32,6 +32,9 @@ def reply(text: str) -> Expect:
     return Expect(repr(text), lambda line: line == wanted)
 
 
+ANY = Expect("any reply", lambda line: True)
+
+
 def oneOf(*texts: str) -> Expect:
     """Any one of these lines."""
     wanted = {text.encode() for text in texts}
