@@ -18,7 +18,7 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor
 
-from kvtwist.protocol import KVFactory, KVProtocol
+from kvtwist.protocol import READ_SIZE, KVFactory, KVProtocol
 
 
 class Pair:
@@ -96,6 +96,18 @@ def test_what_the_kernel_refuses_is_queued_and_order_is_kept() -> None:
         assert stream == expected
     finally:
         pair.close()
+
+
+def test_reads_are_sized_for_requests_not_bulk_data(pair: Pair) -> None:
+    put = b"put 5 " + b"0" * (READ_SIZE - 8) + b"6\n"
+    assert len(put) == READ_SIZE
+    pair.client.sendall(put + b"get 5\n")
+    select.select([pair.transport.socket], [], [], 5)
+    pair.transport.doRead()  # what the reactor does when the socket is readable
+    # One read took exactly one READ_SIZE request: the get is still unread.
+    assert pair.received() == b"OK\n"
+    pair.transport.doRead()
+    assert pair.received() == b"6\n"
 
 
 def test_other_transports_take_the_ordinary_path() -> None:
