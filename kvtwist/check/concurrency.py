@@ -53,7 +53,13 @@ async def recordHistory(target: Target) -> tuple[list[Operation], list[str]]:
         # by far its most expensive kind of search.
         deletes = [Request(DEL, key) for key in keys]
         calls = [clock() - start for _ in deletes]
-        replies = await DeferredList([clients[0].request(request.line) for request in deletes], consumeErrors=True)
+        replies = await DeferredList(
+            [
+                clients[0].request(request.line).addTimeout(settings.timeout, target.reactor)
+                for request in deletes
+            ],
+            consumeErrors=True,
+        )
         ret = clock() - start
         for request, call, (ok, text) in zip(deletes, calls, replies):
             operations.append(Operation(0, DEL, request.key, None, call, ret if ok else math.inf, text if ok else None))
@@ -102,6 +108,7 @@ async def recordHistory(target: Target) -> tuple[list[Operation], list[str]]:
         ticker.stop()
         if deadline.active():
             deadline.cancel()
+        giveUp()
     report()
     return operations, errors
 

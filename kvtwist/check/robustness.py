@@ -33,22 +33,24 @@ GARBAGE = 1 << 16
 # transcripts would only bury the victims' in a report.
 
 
-async def _tooLongLine(target: Target) -> str:
+async def _sendAndLeave(target: Target, data: bytes) -> str:
+    """Send ``data`` in 4 KiB writes, give the server a moment, leave; what the server did."""
     attacker = await target.probe("attacker", Transcript())
-    attacker.send(b"put 1 " + b"9" * LONG_LINE)
-    closed = await attacker.waitClosed(0.5)
-    attacker.close()
-    return f"sent a {LONG_LINE}-byte line without LF; the server {'closed' if closed else 'kept'} that connection"
-
-
-async def _garbage(target: Target) -> str:
-    attacker = await target.probe("attacker", Transcript())
-    data = workload.garbage(target.settings.seed, GARBAGE)
     for offset in range(0, len(data), 4096):
         attacker.send(data[offset : offset + 4096])
     closed = await attacker.waitClosed(0.5)
     attacker.close()
-    return f"sent {len(data)} random bytes; the server {'closed' if closed else 'kept'} that connection"
+    return "closed" if closed else "kept"
+
+
+async def _tooLongLine(target: Target) -> str:
+    kept = await _sendAndLeave(target, b"put 1 " + b"9" * LONG_LINE)
+    return f"sent a {LONG_LINE}-byte line without LF; the server {kept} that connection"
+
+
+async def _garbage(target: Target) -> str:
+    kept = await _sendAndLeave(target, workload.garbage(target.settings.seed, GARBAGE))
+    return f"sent {GARBAGE} random bytes; the server {kept} that connection"
 
 
 async def _abruptDisconnects(target: Target) -> str:
