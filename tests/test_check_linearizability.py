@@ -15,7 +15,9 @@ import math
 from hypothesis import given, settings, strategies as st
 
 from kvtwist.check.history import DEL, GET, PUT, Operation, byKey
-from kvtwist.check.linearizability import _subHistory, checkHistory, isLinearizable, minimalWitness
+import pytest
+
+from kvtwist.check.linearizability import Undecided, _subHistory, checkHistory, isLinearizable, minimalWitness
 
 KEY = 7
 ABSENT = object()
@@ -169,6 +171,16 @@ def test_garbledReplyIsNotTakenAtItsWord() -> None:
     garbled = delete(0, 1, "Error: something")
     assert isLinearizable([put(1, -2, -1), garbled, get(2, 3, "1")])
     assert isLinearizable([put(1, -2, -1), garbled, get(2, 3, "Key not found")])
+
+
+def test_searchGivesUpAfterItsBudget() -> None:
+    """A search that would take too long says so instead of running on."""
+    concurrent = [put(value, 0, 10) for value in range(5)] + [delete(0, 10) for _ in range(4)]
+    assert isLinearizable(concurrent)
+    with pytest.raises(Undecided):
+        isLinearizable(concurrent + [get(20, 21, "7")], budget=5)
+    verdicts = checkHistory(concurrent + [get(20, 21, "7")], budget=5)
+    assert [(v.linearizable, v.decided) for v in verdicts] == [(False, False)]
 
 
 def test_checkHistoryPartitionsByKey() -> None:

@@ -148,9 +148,18 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
     started = target.clock()
     verdicts = linearizability.checkHistory(operations)
     stats = {"operations": len(operations), "keys": keys, "check_seconds": round(target.clock() - started, 3)}
-    bad = [verdict for verdict in verdicts if not verdict.linearizable]
+    bad = [verdict for verdict in verdicts if not verdict.linearizable and verdict.decided]
+    undecided = [verdict for verdict in verdicts if not verdict.decided]
     if not operations:
         return failed(GROUP, name, "no operation completed, so there is nothing to check", **stats)
+    if undecided and not bad:
+        return failed(
+            GROUP, name,
+            f"could not decide for {len(undecided)} of {len(verdicts)} keys within the search budget; "
+            "try more --keys or fewer --clients",
+            [f"key {verdict.key}: undecided ({verdict.operations} operations)" for verdict in undecided],
+            **stats,
+        )
     if not bad:
         return passed(
             GROUP, name,
@@ -166,6 +175,7 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
         for verdict in bad
         if not verdict.witness
     ]
+    evidence += [f"key {verdict.key}: undecided ({verdict.operations} operations)" for verdict in undecided]
     return failed(
         GROUP, name, f"{len(bad)} of {len(verdicts)} keys have a history that is not linearizable", evidence, **stats
     )

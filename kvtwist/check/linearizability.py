@@ -33,9 +33,31 @@ from kvtwist.check import model
 from kvtwist.check.history import DEL, GET, PUT, Operation, Outcome, byKey
 
 
-def isLinearizable(operations: Sequence[Operation], initial: model.State = model.UNKNOWN) -> bool:
-    """Whether ``operations`` (all on one key) can be linearized from ``initial``."""
-    return _Search(operations).run(initial)
+#: How many steps one search may take, on top of ``STEPS_PER_OPERATION``
+#: per operation, before it gives up (a million steps is about fifteen
+#: seconds): a bound, so that a pathological history makes the checker say
+#: "undecided" rather than run for hours. A correct history takes little
+#: more than one step per operation.
+BUDGET = 1_000_000
+STEPS_PER_OPERATION = 50
+
+
+class Undecided(Exception):
+    """The search needed more than its budget of configurations."""
+
+
+def isLinearizable(
+    operations: Sequence[Operation], initial: model.State = model.UNKNOWN, budget: int | None = None
+) -> bool:
+    """
+    Whether ``operations`` (all on one key) can be linearized from ``initial``.
+
+    Raises ``Undecided`` if the search takes more than ``budget`` steps
+    first (by default ``BUDGET`` plus ``STEPS_PER_OPERATION`` per operation).
+    """
+    if budget is None:
+        budget = BUDGET + STEPS_PER_OPERATION * len(operations)
+    return _Search(operations).run(initial, budget)
 
 
 class _Search:
@@ -102,6 +124,9 @@ class _Search:
         return min(helps, self.rets[node]), self.rets[node]
 
     def _lift(self, call: int) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise Undecided("the search ran out of steps")
         nxt, prv = self.nxt, self.prv
         for node in (call, call + self.count):
             nxt[prv[node]] = nxt[node]
@@ -115,7 +140,8 @@ class _Search:
             if nxt[node] != -1:
                 prv[nxt[node]] = node
 
-    def run(self, state: model.State) -> bool:
+    def run(self, state: model.State, budget: int) -> bool:
+        self.budget = budget
         count, nxt, head, tags, step = self.count, self.nxt, self.head, self.tags, model.step
         seen: set[tuple[int, model.State]] = set()
         # (operation, state before it, the choices it was one of or None
@@ -202,6 +228,9 @@ class KeyVerdict:
     key: int
     operations: int
     linearizable: bool
+    #: False when the search gave up (see ``BUDGET``): then ``linearizable``
+    #: is False too, but nothing was proven.
+    decided: bool = True
     witness: tuple[Operation, ...] = ()
     #: Whether the witness was shrunk all the way (no reply in it can be
     #: dropped); False when the time budget ran out first.
@@ -219,6 +248,7 @@ def checkHistory(
     witnesses: int = 3,
     minimizeSeconds: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
+    budget: int | None = None,
 ) -> list[KeyVerdict]:
     """
     Check every key of a history; find short witnesses for failing keys.
@@ -226,19 +256,28 @@ def checkHistory(
     Witnesses are searched for up to twice ``witnesses`` failing keys, and
     the ``witnesses`` shortest are kept: one shows the bug, more only make
     the report longer. ``minimizeSeconds`` bounds the time spent shrinking;
-    a witness not shrunk in time is still correct, only larger.
+    a witness not shrunk in time is still correct, only larger. A key whose
+    search exceeds ``budget`` (see ``isLinearizable``) is marked undecided.
     """
     verdicts = []
     deadline = clock() + minimizeSeconds
     tries = 2 * witnesses
     for key, ops in sorted(byKey(operations).items()):
-        if isLinearizable(ops):
+        try:
+            linearizable = isLinearizable(ops, budget=budget)
+        except Undecided:
+            verdicts.append(KeyVerdict(key, len(ops), False, decided=False, minimal=False))
+            continue
+        if linearizable:
             verdicts.append(KeyVerdict(key, len(ops), True))
         elif tries > 0 and clock() < deadline:
             tries -= 1
             found = minimalWitness(ops, deadline, clock)
             verdicts.append(
-                KeyVerdict(key, len(ops), False, found.replies, found.minimal, found.others, found.window)
+                KeyVerdict(
+                    key, len(ops), False,
+                    witness=found.replies, minimal=found.minimal, others=found.others, window=found.window,
+                )
             )
         else:
             verdicts.append(KeyVerdict(key, len(ops), False, minimal=False))
@@ -256,7 +295,7 @@ class Witness:
     """
     Replies that cannot all be right, and the window of time they were found in.
 
-    The claim a witness makes, and that ``explains`` tests, is: whatever the
+    The claim a witness makes is: whatever the
     key held at ``window[0]``, and whichever of ``others`` (the writes in
     the window whose replies are ignored) took effect, no order of the
     operations in the window that respects real time gives every operation
@@ -302,7 +341,11 @@ def _subHistory(
 
 
 def _fails(operations: Sequence[Operation], start: float, end: float, keep: set[int] | None = None) -> bool:
-    return not isLinearizable(_subHistory(operations, start, end, keep))
+    """Whether the sub-history is proven not linearizable (undecided counts as no)."""
+    try:
+        return not isLinearizable(_subHistory(operations, start, end, keep))
+    except Undecided:
+        return False
 
 
 def _narrowest(points: list[float], fails: Callable[[float], bool], outOfTime: Callable[[], bool]) -> float:
