@@ -116,6 +116,27 @@ def _waitForPing(server: Server, timeout: float = 10.0) -> bool:
     return False
 
 
+def _importRoot(workdir: Path) -> Path:
+    """
+    A directory holding only this kvtwist and its twistd dropin, as links.
+
+    It goes first on the server's path, so the server runs this very
+    kvtwist whatever its interpreter has installed, and another
+    interpreter (PyPy) does not pick up this one's other packages, as it
+    would from the directory kvtwist is installed in.
+    """
+    package = Path(kvtwist.__file__).resolve().parent
+    root = workdir / "path"
+    (root / "twisted" / "plugins").mkdir(parents=True)
+    (root / "kvtwist").symlink_to(package, target_is_directory=True)
+    for base in (package.parent, *map(Path, sys.path)):
+        dropin = base / "twisted" / "plugins" / "kvtwist_plugin.py"
+        if dropin.exists():
+            (root / "twisted" / "plugins" / dropin.name).symlink_to(dropin)
+            break
+    return root
+
+
 def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     python = options.pypy if "pypy" in kind else options.python
     if python is None:
@@ -128,9 +149,7 @@ def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
-    # The project root goes first on the path, so the server runs this very
-    # kvtwist (and finds its twistd dropin) whatever is installed.
-    root = str(Path(kvtwist.__file__).resolve().parent.parent)
+    root = str(_importRoot(workdir))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     server = Server(kind, "kv", 0, _spawn(argv, workdir, env), workdir)
     server.port = _waitForLog(server, _KVSTORE_LISTENING)
