@@ -112,7 +112,7 @@ def test_kvbench_result_is_consistent(kvbench: Path, cserver: servers.Server) ->
     assert result.totalRequests >= result.requests + 25
     assert result.rps == pytest.approx(result.requests / result.seconds, rel=1e-3)
     # kvbench's percentiles and the Python ones agree on the same histogram.
-    assert percentileFromHistogram(result.histogram, 0.99) == pytest.approx(result.p99, abs=0.05)
+    assert percentileFromHistogram(result.histogram, 0.99) == pytest.approx(result.p99, abs=0.051)  # p99 is printed to 0.1 us
     assert result.p50 <= result.p99 <= result.p999
 
 
