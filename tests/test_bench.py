@@ -162,7 +162,7 @@ def test_median_ratio_is_paired_by_round() -> None:
         pairedRatios([1.0], [1.0, 2.0])
 
 
-def test_histogram_helpers() -> None:
+def test_histogram_merge_and_percentiles() -> None:
     merged = mergeHistograms([[(1.0, 2), (3.0, 1)], [(3.0, 4), (2.0, 3)]])
     assert merged == [(1.0, 2), (2.0, 3), (3.0, 5)]
     assert percentileFromHistogram(merged, 0.0) == 1.0
