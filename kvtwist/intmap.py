@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import secrets
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 # Zero marks an empty slot: fresh tables are zero bytes, and C-level
 # truth tests (filter(None, ...)) skip empty slots without Python calls.
@@ -164,6 +164,42 @@ class IntMap:
             for k, v in zip(shard.keys, shard.values):
                 if k != EMPTY:
                     yield k, v
+
+    def load(self, pairs: Iterable[tuple[int, int]], count: int) -> None:
+        """
+        Fill an empty map with ``count`` pairs whose keys are distinct.
+
+        Each shard is sized for its share up front, so no shard grows (and
+        rehashes) on the way: recovery fills millions of keys this way.
+        """
+        if len(self):
+            raise ValueError("load() fills an empty map")
+        bits = _MIN_BITS
+        while (1 << bits) * _MAX_LOAD < 1.5 * count / (1 << _SHARD_BITS):
+            bits += 1
+        shards = self._shards = [_Shard(bits) for _ in range(1 << _SHARD_BITS)]
+        salt = self._salt
+        for key, value in pairs:
+            if key == EMPTY:
+                self.put(key, value)
+                continue
+            h = hash((salt, key))
+            shard = shards[h & _SHARD_MASK]
+            shard.insert(key, value, h)
+            if shard.size > shard.limit:
+                shards[h & _SHARD_MASK] = shard.grown(salt)
+
+    def key_parts(self) -> Iterator[list[int]]:
+        """
+        Every key, a shard at a time; each part is listed only when it is asked for.
+
+        A key never moves between shards, so a caller that takes the parts
+        over several steps, while the map changes, still sees each key that
+        stays in the map throughout exactly once.
+        """
+        yield list(self._special)
+        for i in range(len(self._shards)):
+            yield list(filter(None, self._shards[i].keys))
 
     def keys(self) -> list[int]:
         """Every key, as a new list: C-level filtering, much faster than items()."""

@@ -280,7 +280,7 @@ class JournaledStore:
             self._older_journal_bytes += old.size
             old.close()
             self.generation = generation
-            parts = _key_parts(self.store)
+            parts = self.store.key_parts()
             yield from compaction.snapshot_steps(self.dirpath, generation, parts, self.store.get, crashpoint, chunk)
             self.snapshot_size = os.path.getsize(os.path.join(self.dirpath, snapshot_name(generation)))
             self._older_journal_bytes = 0
@@ -293,27 +293,9 @@ class JournaledStore:
 
 
 def _loaded_store(data: dict[int, int]) -> Store:
-    """A new ``Store`` holding ``data``: in bulk where the store offers ``load``."""
+    """A new ``Store`` holding ``data``, filled in bulk."""
     store = Store()
-    load = getattr(store, "load", None)
-    if load is not None:
-        load(data.items())
-    else:
-        put = store.put
-        for key, value in data.items():
-            put(key, value)
+    store.load(data.items(), len(data))
     return store
 
 
-def _key_parts(store: Store) -> Iterator[list[int]]:
-    """The store's keys in parts, for a snapshot (see ``kvtwist.compaction``).
-
-    A store with ``key_parts()`` hands them out a part at a time, so no
-    single reactor turn lists every key; otherwise the whole key list is
-    taken now, in one part (``keys()`` in bulk, or by walking ``items()``).
-    """
-    key_parts = getattr(store, "key_parts", None)
-    if key_parts is not None:
-        return iter(key_parts())
-    keys = getattr(store, "keys", None)
-    return iter([keys() if keys is not None else [key for key, _ in store.items()]])

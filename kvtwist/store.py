@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from kvtwist.intmap import IntMap
 
@@ -42,6 +42,18 @@ class Store:
     def items(self) -> Iterator[tuple[int, int]]:
         """Every (key, value) pair, in no particular order."""
         return self._data.items()
+
+    def load(self, pairs: Iterable[tuple[int, int]], count: int) -> None:
+        """Fill an empty store with ``count`` pairs of distinct keys, faster than ``put`` one by one."""
+        self._data.load(pairs, count)
+
+    def key_parts(self) -> Iterator[list[int]]:
+        """
+        Every key, in parts listed one at a time, so that a snapshot never
+        has to list millions of keys in a single reactor turn. A key that
+        stays in the store while the parts are taken appears in exactly one.
+        """
+        return self._data.key_parts()
 
     def keys(self) -> list[int]:
         """Every key, as a list that later changes do not affect (taken in bulk, for snapshots)."""

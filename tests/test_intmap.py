@@ -35,8 +35,9 @@ OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete"]), KEYS, INT64)
 CROWDED_OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete"]), CROWDED | KEYS, INT64), max_size=400)
 
 
-def _check(m: IntMap, ops: list[tuple[str, int, int]]) -> None:
-    model: dict[int, int] = {}
+def _check(m: IntMap, ops: list[tuple[str, int, int]], start: dict[int, int] | None = None) -> None:
+    """Run ``ops`` on ``m`` (which holds ``start``) and on a dict, and compare."""
+    model: dict[int, int] = dict(start or {})
     for op, key, value in ops:
         if op == "put":
             assert m.put(key, value) == (key not in model)
@@ -99,3 +100,47 @@ def test_keys_lists_every_key_once(keys: list[int]) -> None:
     for k in keys:
         m.put(k, 0)
     assert sorted(m.keys()) == sorted(set(keys))
+
+
+@given(st.dictionaries(KEYS, KEYS, max_size=300), OPS)
+def test_bulk_load_then_any_operations_match_a_dict(data: dict[int, int], ops: list[tuple[str, int, int]]) -> None:
+    m = IntMap()
+    m.load(data.items(), len(data))
+    assert len(m) == len(data) and dict(m.items()) == data
+    _check(m, ops, data)
+
+
+def test_bulk_load_sizes_shards_so_none_grows() -> None:
+    m = IntMap(salt=1)
+    m.load(((k, k) for k in range(1, 50_001)), 50_000)
+    assert len(m) == 50_000
+    # Room was made for the count up front: every shard still has the size
+    # chosen for it (a grown shard would be twice as big), none over-full.
+    assert len({shard.mask for shard in m._shards}) == 1
+    assert all(shard.size <= shard.limit for shard in m._shards)
+
+
+def test_bulk_load_needs_an_empty_map() -> None:
+    m = IntMap()
+    m.put(5, 5)
+    with pytest.raises(ValueError):
+        m.load([(6, 6)], 1)
+
+
+@given(st.sets(KEYS, max_size=200), st.sets(KEYS, max_size=50))
+def test_key_parts_taken_while_the_map_changes(initial: set[int], added: set[int]) -> None:
+    """Keys present throughout appear exactly once, though keys come and go between parts."""
+    m = IntMap()
+    for k in initial:
+        m.put(k, 1)
+    added -= initial
+    churn = iter(sorted(added))
+    seen: list[int] = []
+    for part in m.key_parts():
+        seen += part
+        for k in churn:
+            m.put(k, 2)
+            break
+    stayed = [k for k in seen if k in initial]
+    assert sorted(stayed) == sorted(initial)
+    assert len(seen) == len(set(seen))

@@ -201,8 +201,9 @@ def test_a_store_that_loads_in_bulk_is_filled_in_one_call(tmp_path, monkeypatch)
 
     calls: list[int] = []
 
-    def load(store, pairs):
+    def load(store, pairs, count):
         pairs = list(pairs)
+        assert count == len(pairs)
         calls.append(len(pairs))
         for key, value in pairs:
             store.put(key, value)
