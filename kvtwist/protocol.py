@@ -273,8 +273,9 @@ class KVProtocol(Protocol, TimeoutMixin):
             and transport.connected
             and not transport.disconnecting
             and not transport.dataBuffer
-            # Twisted keeps fresh writes in this list until its next send.
-            and not transport._tempDataLen
+            # Twisted keeps fresh writes in a private list until its next
+            # send; a Twisted without this counter takes the ordinary path.
+            and not getattr(transport, "_tempDataLen", True)
         ):
             sent = transport.writeSomeData(replies)
             # An exception instead of a count means the connection is gone;
