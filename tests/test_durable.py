@@ -367,11 +367,7 @@ def test_always_pipelines_fsyncs_in_the_background(tmp_path) -> None:
     assert len(syncs.held) == 1, "the next fsync started at once"
     syncs.finish_one()
     assert firstTransport.value() == b"OK\n2\n" and secondTransport.value() == b"OK\n"
-    fired: list[object] = []
-    durable.stopService().addCallback(fired.append)
-    clock.advance(0)
-    clock.advance(0)
-    assert fired
+    stop(durable, clock)
 
 
 def test_compaction_switches_journals_under_a_running_fsync(tmp_path) -> None:
