@@ -201,13 +201,6 @@ class IntMap:
         for i in range(len(self._shards)):
             yield list(filter(None, self._shards[i].keys))
 
-    def keys(self) -> list[int]:
-        """Every key, as a new list: C-level filtering, much faster than items()."""
-        keys = list(self._special)
-        for shard in self._shards:
-            keys += filter(None, shard.keys)
-        return keys
-
     def __len__(self) -> int:
         return len(self._special) + sum(shard.size for shard in self._shards)
 

@@ -55,10 +55,6 @@ class Store:
         """
         return self._data.key_parts()
 
-    def keys(self) -> list[int]:
-        """Every key, as a list that later changes do not affect (taken in bulk, for snapshots)."""
-        return self._data.keys()
-
     def __len__(self) -> int:
         return len(self._data)
 
