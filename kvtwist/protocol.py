@@ -98,13 +98,6 @@ class KVProtocol(Protocol, TimeoutMixin):
     def __init__(self) -> None:
         self._partial = b""
         self._closing = False
-        # verb -> (number of arguments, handler); adding a command is one row.
-        self._commands: dict[bytes, tuple[int, Callable[[list[bytes]], bytes], bytes]] = {
-            b"put": (2, self.do_put, b"put KEY VALUE"),
-            b"get": (1, self.do_get, b"get KEY"),
-            b"del": (1, self.do_del, b"del KEY"),
-            b"bye": (0, self.do_bye, b"Bye"),
-        }
 
     # Connection life cycle
 
@@ -186,18 +179,15 @@ class KVProtocol(Protocol, TimeoutMixin):
         out: list[bytes] = []
         append = out.append
         limit = self.factory.maxRequest
-        commands = self._commands
+        commands = _COMMANDS
         for line in lines:
-            if careful:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                tokens = [t for t in _SEPARATORS.split(line) if t]
-            else:
-                tokens = line.split()
+            if careful and line.endswith(b"\r"):
+                line = line[:-1]
             if len(line) > limit:
                 append(TOO_LONG)
                 self._closing = True
                 break
+            tokens = [t for t in _SEPARATORS.split(line) if t] if careful else line.split()
             if not tokens:
                 continue
             entry = commands.get(tokens[0].lower())
@@ -208,7 +198,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             if len(tokens) - 1 != arity:
                 append(b"Error: wrong number of arguments (usage: %s)\n" % usage)
                 continue
-            append(handler(tokens))
+            append(handler(self, tokens))
             if self._closing:
                 break
         return b"".join(out)
@@ -300,6 +290,16 @@ class KVProtocol(Protocol, TimeoutMixin):
         # forever instead of closing; flow control is over at this point.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+
+# verb -> (number of arguments, handler, usage): one table for every
+# connection, and adding a command is one row.
+_COMMANDS: dict[bytes, tuple[int, Callable[[KVProtocol, list[bytes]], bytes], bytes]] = {
+    b"put": (2, KVProtocol.do_put, b"put KEY VALUE"),
+    b"get": (1, KVProtocol.do_get, b"get KEY"),
+    b"del": (1, KVProtocol.do_del, b"del KEY"),
+    b"bye": (0, KVProtocol.do_bye, b"Bye"),
+}
 
 
 def _tooLong(partial: bytes, limit: int) -> bool:
