@@ -339,8 +339,12 @@ class KVFactory(Factory):
         maxRequest: int = DEFAULT_MAX_REQUEST,
         maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         idleTimeout: float = 0,
+        whenDurable: Callable[..., None] | None = None,
     ) -> None:
         self.store = Store() if store is None else store
+        if whenDurable is not None:
+            # A durable store's reply gate replaces the in-memory default.
+            self.whenDurable = whenDurable  # type: ignore[method-assign]
         self.maxRequest = maxRequest
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout

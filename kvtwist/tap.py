@@ -169,18 +169,18 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
     """Build the server from parsed options; tests pass a fake reactor."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[assignment]
+    durable = _openData(config["data"], config["fsync"], reactor) if config["data"] else None
     factory = KVFactory(
+        store=durable.journaled if durable else None,
         maxRequest=config["max-request"],
         maxConnections=config["max-connections"],
         idleTimeout=config["idle-timeout"],
+        whenDurable=durable.whenDurable if durable else None,
     )
     endpoint = endpoints.serverFromString(reactor, config["port"])
     listening = KVService(endpoint, factory, config["port"])
-    if not config["data"]:
+    if durable is None:
         return listening
-    durable = _openData(config["data"], config["fsync"], reactor)
-    factory.store = durable.journaled
-    factory.whenDurable = durable.whenDurable  # type: ignore[method-assign]
     # MultiService stops its children in reverse order: stop listening
     # first, then flush and close the journal.
     top = service.MultiService()

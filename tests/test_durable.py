@@ -70,8 +70,7 @@ def serve(tmp_path, fsync: str, runBlocking=defer.maybeDeferred, **kwargs) -> tu
     journaled = JournaledStore.open(str(tmp_path), **kwargs)
     durable = DurableService(journaled, fsync, clock, runBlocking=runBlocking)
     durable.startService()
-    factory = KVFactory(journaled)
-    factory.whenDurable = durable.whenDurable
+    factory = KVFactory(journaled, whenDurable=durable.whenDurable)
     return durable, factory, clock
 
 
