@@ -191,6 +191,30 @@ def test_summary_and_verdicts() -> None:
     assert judged == {"rps >= 1x Redis": False, "cpu <= 1x Redis": False}
 
 
+def test_the_floor_is_compared_but_not_judged() -> None:
+    plan = [Scenario("s", "title", Load(), ("twisted-floor", "redis-always"), targets=(Target("rps", ">=", 1.0),))]
+    measurements = [_m("twisted-floor", 0, 80, 4), _m("redis-always", 0, 100, 2)]
+    rows = summarize(plan, measurements)
+    floor = next(r for r in rows if r.server == "twisted-floor")
+    assert floor.ratios["rps"] == pytest.approx(0.8)
+    assert verdicts(plan, rows) == []
+
+
+def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
+    server = servers.start("twisted-floor", servers.Options())
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"get 1\nput 2 3\nanything at all\nnot yet a line")
+            reply = b""
+            while reply.count(b"\n") < 3:
+                reply += s.recv(100)
+            s.sendall(b"\n")
+            reply += s.recv(100)
+        assert reply == b"OK\n" * 4
+    finally:
+        server.stop()
+
+
 # End to end
 
 

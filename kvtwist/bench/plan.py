@@ -47,6 +47,10 @@ class Scenario:
     targets: tuple[Target, ...] = field(default=())
 
 
+# The floors show how close to the target any kvtwist could get (kvtwist.bench.floor).
+_ALWAYS = ("kvtwist-always", "kvtwist-pypy-always", "twisted-floor", "twisted-floor-pypy", "redis-always")
+
+
 def fullPlan(rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True) -> list[Scenario]:
     """The plan behind docs/performance.md; ``durable`` adds the ``--fsync always`` comparison."""
     base = Load(connections=50, depth=1, keyspace=100_000, reads=80, duration=duration, warmup=warmup)
@@ -72,7 +76,7 @@ def fullPlan(rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durabl
     )
     if durable:
         plan.append(
-            Scenario("always", "50 conns, fsync always", base, ("kvtwist-always", "kvtwist-pypy-always", "redis-always"),
+            Scenario("always", "50 conns, fsync always", base, _ALWAYS,
                      rounds=rounds, targets=(Target("rps", ">=", 1.0),))
         )
     return plan
@@ -92,6 +96,6 @@ def quickPlan(durable: bool = True) -> list[Scenario]:
                  rounds=1, memory=True, targets=(Target("rssPerKey", "<=", 1.0),)),
     ]
     if durable:
-        plan.append(Scenario("always", "2 conns, fsync always", tiny, ("kvtwist-always", "kvtwist-pypy-always", "redis-always"), rounds=1,
+        plan.append(Scenario("always", "2 conns, fsync always", tiny, _ALWAYS, rounds=1,
                              targets=(Target("rps", ">=", 1.0),)))
     return plan

@@ -82,7 +82,7 @@ def verdicts(plan: Sequence[Scenario], rows: Sequence[Row]) -> list[Verdict]:
     out = []
     targets = {s.key: s.targets for s in plan}
     for row in rows:
-        if not row.ratios:
+        if not row.ratios or not row.server.startswith("kvtwist"):
             continue
         for target in targets.get(row.scenario, ()):
             ratio = row.ratios[target.metric]

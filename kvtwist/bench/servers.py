@@ -20,6 +20,7 @@ import kvtwist
 HOST = "127.0.0.1"
 _KVSTORE_LISTENING = re.compile(r"kvstore listening on .*port=(\d+)")
 _CSERVER_LISTENING = re.compile(r"cserver listening on .*:(\d+)")
+_FLOOR_LISTENING = re.compile(r"floor listening on port (\d+)")
 # Above the biggest load in the plan, so that no measurement hits the limit.
 MAX_CONNECTIONS = 10100
 
@@ -137,22 +138,36 @@ def _importRoot(workdir: Path) -> Path:
     return root
 
 
-def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
+def _python(kind: str, options: Options) -> str:
     python = options.pypy if "pypy" in kind else options.python
     if python is None:
         raise ServerError("no PyPy interpreter given")
+    return python
+
+
+def _pythonEnv(workdir: Path) -> dict[str, str]:
+    root = str(_importRoot(workdir))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
+def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     argv = [
-        python, "-c", "from twisted.scripts.twistd import run; run()",
+        _python(kind, options), "-c", "from twisted.scripts.twistd import run; run()",
         "-n", "--pidfile=", "kvstore",
         "--port", f"tcp:0:interface={HOST}",
         "--max-connections", str(MAX_CONNECTIONS),
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
-    root = str(_importRoot(workdir))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    server = Server(kind, "kv", 0, _spawn(argv, workdir, env), workdir)
+    server = Server(kind, "kv", 0, _spawn(argv, workdir, _pythonEnv(workdir)), workdir)
     server.port = _waitForLog(server, _KVSTORE_LISTENING)
+    return server
+
+
+def _startFloor(kind: str, options: Options, workdir: Path) -> Server:
+    argv = [_python(kind, options), "-m", "kvtwist.bench.floor", f"tcp:0:interface={HOST}"]
+    server = Server(kind, "kv", 0, _spawn(argv, workdir, _pythonEnv(workdir)), workdir)
+    server.port = _waitForLog(server, _FLOOR_LISTENING)
     return server
 
 
@@ -197,6 +212,9 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     "redis": _startRedis,
     "redis-always": _startRedis,
     "cserver": _startCserver,
+    # kvtwist's connection handling without its work (kvtwist.bench.floor).
+    "twisted-floor": _startFloor,
+    "twisted-floor-pypy": _startFloor,
 }
 
 KINDS = tuple(_STARTERS)
@@ -208,6 +226,9 @@ BASELINE = {
     "kvtwist-pypy": "redis",
     "kvtwist-always": "redis-always",
     "kvtwist-pypy-always": "redis-always",
+    # The floor is shown beside the target it bounds.
+    "twisted-floor": "redis-always",
+    "twisted-floor-pypy": "redis-always",
 }
 
 
