@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from brokenservers import brokenServer
-from serverproc import ServerProcess
+from serverproc import ServerProcess, start_server
 
 CHECKER = str(Path(sys.executable).with_name("kvtwist-check"))
 # Short runs: a second of workload is thousands of operations, plenty to
@@ -87,6 +87,21 @@ def test_correctServerWithOtherErrorTextsPassesTheAssignment(tmp_path: Path) -> 
     failing = {title for title, ok in verdicts(document).items() if not ok}
     assert {"conformance: error replies", "conformance: malformed integers"} <= failing
     assert "concurrency: linearizability" not in failing
+
+
+def test_theTooLongCheckFollowsTheServersLimit(tmp_path: Path) -> None:
+    """A server whose limit is above the checker's default request takes it; --max-request tells the checker."""
+    server = start_server("--max-request", "20000")
+    try:
+        options = (*QUICK, "--profile", "kvtwist")
+        status, document, out, err = check(server.host, server.port, tmp_path, *options)
+        assert status == 1
+        assert {title for title, ok in verdicts(document).items() if not ok} == {"conformance: request too long"}
+        status, document, out, err = check(server.host, server.port, tmp_path, *options, "--max-request", "20000")
+        assert status == 0, out + err
+        assert document["settings"]["max_request"] == 20000
+    finally:
+        server.stop()
 
 
 def test_failureShowsTheExactExchange(tmp_path: Path) -> None:

@@ -69,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive(float), default=5.0,
         help="seconds a reply may take before it counts as missing (default 5)",
     )
+    arguments.add_argument(
+        "--max-request", type=_positive(int), default=4096, metavar="BYTES",
+        help="the server's request limit, for the kvtwist profile's too-long check (default 4096, kvtwist's default)",
+    )
     return arguments
 
 
@@ -85,6 +89,7 @@ def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
         seed=seed,
         profile=options.profile,
         timeout=options.timeout,
+        maxRequest=options.max_request,
     )
     return settings, options.json
 

@@ -31,11 +31,6 @@ CLEARED = oneOf("OK", "Key not found")
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 
-#: The kvtwist profile assumes the server runs with the default
-#: ``--max-request`` of 4096 bytes.
-TOO_LONG_SIZE = 8192
-
-
 def _clear(*keys: int, connection: int = 0) -> list[Exchange]:
     return [ask(f"del {key}", CLEARED, connection=connection) for key in keys]
 
@@ -246,16 +241,17 @@ def byeEndsSession(seed: int) -> Script:
     )
 
 
-def tooLong(seed: int) -> Script:
+def tooLong(seed: int, maxRequest: int) -> Script:
     key, = workload.keys(seed, "too-long", 1)
+    size = 2 * maxRequest
     return Script(
         "request too long",
-        f"a {TOO_LONG_SIZE}-byte request gets 'Error: request too long' and the connection closes",
-        (Exchange(b"put %d " % key + b"1" * TOO_LONG_SIZE, (reply("Error: request too long"),), closes=True),),
+        f"a {size}-byte request (twice --max-request) gets 'Error: request too long' and the connection closes",
+        (Exchange(b"put %d " % key + b"1" * size, (reply("Error: request too long"),), closes=True),),
     )
 
 
-def kvtwistScripts(seed: int) -> list[Script]:
+def kvtwistScripts(seed: int, maxRequest: int) -> list[Script]:
     return [
         *assignmentScripts(seed),
         pipelining(seed, 5000),
@@ -266,11 +262,14 @@ def kvtwistScripts(seed: int) -> list[Script]:
         errors(seed),
         terminators(seed),
         byeEndsSession(seed),
-        tooLong(seed),
+        tooLong(seed, maxRequest),
     ]
 
 
 async def checkConformance(target: Target) -> list[CheckResult]:
-    seed = target.settings.seed
-    scripts = kvtwistScripts(seed) if target.strict else assignmentScripts(seed)
+    settings = target.settings
+    if target.strict:
+        scripts = kvtwistScripts(settings.seed, settings.maxRequest)
+    else:
+        scripts = assignmentScripts(settings.seed)
     return [target.finished(await runScript(target, "conformance", script)) for script in scripts]

@@ -35,6 +35,9 @@ class Settings:
     #: because a loaded machine can be slow; a server that serves one client
     #: at a time never answers at all, however long one waits.
     timeout: float = 5.0
+    #: The server's request limit (kvtwist's ``--max-request``); the
+    #: kvtwist profile sends a request twice as long and expects it refused.
+    maxRequest: int = 4096
 
     def shown(self) -> dict[str, Any]:
         """The settings a report prints (enough to repeat the run)."""
@@ -45,6 +48,7 @@ class Settings:
             "duration": self.duration,
             "keys": self.keys,
             "timeout": self.timeout,
+            "max_request": self.maxRequest,
         }
 
 
