@@ -139,7 +139,7 @@ def runPlan(
     if options.redis is None:
         available -= {"redis", "redis-always"}
     if options.pypy is None:
-        available -= {"kvtwist-pypy", "kvtwist-pypy-always", "twisted-floor-pypy"}
+        available = {kind for kind in available if not servers.runsOnPypy(kind)}
     if not servers.kvtwistSupportsFsync():
         available -= {"kvtwist-always", "kvtwist-pypy-always"}
     for i, scenario in enumerate(plan, 1):

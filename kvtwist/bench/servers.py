@@ -84,6 +84,15 @@ def _spawn(argv: list[str], workdir: Path, env: dict[str, str] | None = None) ->
         )
 
 
+def _startAndWaitForLog(
+    kind: str, argv: list[str], workdir: Path, pattern: re.Pattern[str], env: dict[str, str] | None = None
+) -> Server:
+    """A server of our protocol that logs the port it listens on, once it does."""
+    server = Server(kind, "kv", 0, _spawn(argv, workdir, env), workdir)
+    server.port = _waitForLog(server, pattern)
+    return server
+
+
 def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,8 +147,12 @@ def _importRoot(workdir: Path) -> Path:
     return root
 
 
+def runsOnPypy(kind: str) -> bool:
+    return "pypy" in kind
+
+
 def _python(kind: str, options: Options) -> str:
-    python = options.pypy if "pypy" in kind else options.python
+    python = options.pypy if runsOnPypy(kind) else options.python
     if python is None:
         raise ServerError("no PyPy interpreter given")
     return python
@@ -159,16 +172,12 @@ def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
-    server = Server(kind, "kv", 0, _spawn(argv, workdir, _pythonEnv(workdir)), workdir)
-    server.port = _waitForLog(server, _KVSTORE_LISTENING)
-    return server
+    return _startAndWaitForLog(kind, argv, workdir, _KVSTORE_LISTENING, _pythonEnv(workdir))
 
 
 def _startFloor(kind: str, options: Options, workdir: Path) -> Server:
     argv = [_python(kind, options), "-m", "kvtwist.bench.floor", f"tcp:0:interface={HOST}"]
-    server = Server(kind, "kv", 0, _spawn(argv, workdir, _pythonEnv(workdir)), workdir)
-    server.port = _waitForLog(server, _FLOOR_LISTENING)
-    return server
+    return _startAndWaitForLog(kind, argv, workdir, _FLOOR_LISTENING, _pythonEnv(workdir))
 
 
 def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
@@ -199,9 +208,7 @@ def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
 def _startCserver(kind: str, options: Options, workdir: Path) -> Server:
     if options.cserver is None:
         raise ServerError("cserver was not built")
-    server = Server(kind, "kv", 0, _spawn([str(options.cserver), "0"], workdir), workdir)
-    server.port = _waitForLog(server, _CSERVER_LISTENING)
-    return server
+    return _startAndWaitForLog(kind, [str(options.cserver), "0"], workdir, _CSERVER_LISTENING)
 
 
 _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {

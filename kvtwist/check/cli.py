@@ -21,6 +21,7 @@ from twisted.internet.task import react
 from kvtwist.check.report import allPassed, renderJSON, renderText
 from kvtwist.check.runner import runChecks
 from kvtwist.check.target import ASSIGNMENT, PROFILES, Settings, Target
+from kvtwist.protocol import DEFAULT_MAX_REQUEST
 
 PROGRAM = "kvtwist-check"
 
@@ -70,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
         help="seconds a reply may take before it counts as missing (default 5)",
     )
     arguments.add_argument(
-        "--max-request", type=_positive(int), default=4096, metavar="BYTES",
-        help="the server's request limit, for the kvtwist profile's too-long check (default 4096, kvtwist's default)",
+        "--max-request", type=_positive(int), default=DEFAULT_MAX_REQUEST, metavar="BYTES",
+        help=f"the server's request limit, for the kvtwist profile's too-long check (default {DEFAULT_MAX_REQUEST}, "
+        "kvtwist's default)",
     )
     return arguments
 

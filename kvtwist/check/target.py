@@ -14,6 +14,7 @@ from twisted.internet.task import deferLater
 from kvtwist.client import KVClient, connect, hostEndpoint
 from kvtwist.check.probe import Probe, Transcript, openProbe
 from kvtwist.check.report import CheckResult
+from kvtwist.protocol import DEFAULT_MAX_REQUEST
 
 ASSIGNMENT = "assignment"
 KVTWIST = "kvtwist"
@@ -37,7 +38,7 @@ class Settings:
     timeout: float = 5.0
     #: The server's request limit (kvtwist's ``--max-request``); the
     #: kvtwist profile sends a request twice as long and expects it refused.
-    maxRequest: int = 4096
+    maxRequest: int = DEFAULT_MAX_REQUEST
 
     def shown(self) -> dict[str, Any]:
         """The settings a report prints (enough to repeat the run)."""
