@@ -11,11 +11,11 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamSer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from kvtwist.datadir import DataDirLocked
-from kvtwist.durable import DEFAULT_FSYNC, FSYNC_POLICIES, DurableService
-from kvtwist.journaled import JournaledStore
-from kvtwist.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST, KVFactory
-from kvtwist.recovery import RecoveryError
+from kvtwist.storage.datadir import DataDirLocked
+from kvtwist.storage.durable import DEFAULT_FSYNC, FSYNC_POLICIES, DurableService
+from kvtwist.storage.journaled import JournaledStore
+from kvtwist.server.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST, KVFactory
+from kvtwist.storage.recovery import RecoveryError
 
 
 def endpointDescription(port: str) -> str:

@@ -13,12 +13,12 @@ import json
 import os
 import sys
 
-from kvtwist.compaction import Blocking
-from kvtwist.journaled import JournaledStore
+from kvtwist.storage.compaction import Blocking
+from kvtwist.storage.journaled import JournaledStore
 
 
 def main(dirpath: str, step: str, expected: str) -> int:
-    journaled = JournaledStore.open(dirpath, compact_min_bytes=10**12)
+    journaled = JournaledStore.open(dirpath, compactMinBytes=10**12)
     counter = iter(range(10**9))
     current = {"round": 0}
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvtwist import journal, snapshot
-from kvtwist.datadir import journal_name, snapshot_name
-from kvtwist.journal import HEADER_SIZE, RECORD_SIZE
+from kvtwist.storage import journal, snapshot
+from kvtwist.storage.datadir import journalName, snapshotName
+from kvtwist.storage.journal import HEADER_SIZE, RECORD_SIZE
 
 
 def write_journal(directory: Path, generation: int, ops: list[tuple[str, int, int]]) -> Path:
     """Write a journal of ``ops`` (("put", k, v) or ("del", k, 0)) and return its path."""
-    path = directory / journal_name(generation)
-    records = [journal.encode_put(k, v) if op == "put" else journal.encode_del(k) for op, k, v in ops]
-    path.write_bytes(journal.encode_header(journal.MAGIC, generation) + b"".join(records))
+    path = directory / journalName(generation)
+    records = [journal.encodePut(k, v) if op == "put" else journal.encodeDel(k) for op, k, v in ops]
+    path.write_bytes(journal.encodeHeader(journal.MAGIC, generation) + b"".join(records))
     return path
 
 
 def write_snapshot(directory: Path, generation: int, state: dict[int, int]) -> Path:
-    path = directory / snapshot_name(generation)
-    path.write_bytes(snapshot.encode_snapshot(generation, state.items()))
+    path = directory / snapshotName(generation)
+    path.write_bytes(snapshot.encodeSnapshot(generation, state.items()))
     return path
 
 

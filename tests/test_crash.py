@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtwist.recovery import recover
+from kvtwist.storage.recovery import recover
 from serverproc import ServerProcess, start_server
 
 CLIENTS = 16

@@ -10,10 +10,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.durable import DurableService
-from kvtwist.journaled import JournaledStore
-from kvtwist.protocol import KVFactory
-from kvtwist.recovery import recover
+from kvtwist.storage.durable import DurableService
+from kvtwist.storage.journaled import JournaledStore
+from kvtwist.server.protocol import KVFactory
+from kvtwist.storage.recovery import recover
 
 
 class SyncCounter:
@@ -112,7 +112,7 @@ def test_refused_changes_are_not_journaled(tmp_path) -> None:
 
 
 def test_a_second_open_of_the_same_directory_is_refused(tmp_path) -> None:
-    from kvtwist.datadir import DataDirLocked
+    from kvtwist.storage.datadir import DataDirLocked
 
     first = JournaledStore.open(str(tmp_path))
     with pytest.raises(DataDirLocked, match=f"{tmp_path} is in use .*pid {os.getpid()}"):
@@ -136,7 +136,7 @@ def test_a_failed_append_turns_the_store_read_only(tmp_path, monkeypatch, code) 
     reason = f"journal write failed: {os.strerror(code)}"
     refusal = f"Error: store is read-only ({reason})\n".encode()
     assert transport.value() == b"OK\n" + refusal * 2 + b"1\nKey not found\n" + refusal
-    assert durable.journaled.read_only_reason == reason
+    assert durable.journaled.readOnlyReason == reason
     stop(durable, clock)
     assert recover(str(tmp_path)).data == {1: 1}
 
@@ -311,7 +311,7 @@ def fill(journaled: JournaledStore, start: int, stop: int) -> None:
 
 
 def test_compaction_starts_by_itself_and_keeps_every_change(tmp_path) -> None:
-    durable, factory, clock = serve(tmp_path, "everysec", compact_min_bytes=4000)
+    durable, factory, clock = serve(tmp_path, "everysec", compactMinBytes=4000)
     journaled = durable.journaled
     fill(journaled, 0, 150)
     assert durable._compaction is not None, "the journal outgrew the threshold"
@@ -380,7 +380,7 @@ def test_compaction_switches_journals_under_a_running_fsync(tmp_path) -> None:
     durable.compact()
     run_compaction_until(clock, syncs, lambda: journaled.generation == 2, keep=1)
     syncs.finish_one()
-    assert journaled.read_only_reason is None and not journaled.unsynced
+    assert journaled.readOnlyReason is None and not journaled.unsynced
     run_compaction_until(clock, syncs, lambda: durable._compaction is None)
     stop(durable, clock)
     assert recover(str(tmp_path)).data == {1: 1}
@@ -388,10 +388,10 @@ def test_compaction_switches_journals_under_a_running_fsync(tmp_path) -> None:
 
 def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> None:
     """A compaction's own fsync covers a waiting write: its reply must still leave."""
-    from kvtwist.journal import HEADER_SIZE, RECORD_SIZE
+    from kvtwist.storage.journal import HEADER_SIZE, RECORD_SIZE
 
     syncs = HeldSyncs()
-    durable, factory, clock = serve(tmp_path, "always", syncs, compact_min_bytes=HEADER_SIZE + 2 * RECORD_SIZE)
+    durable, factory, clock = serve(tmp_path, "always", syncs, compactMinBytes=HEADER_SIZE + 2 * RECORD_SIZE)
     first, firstTransport = connect(factory)
     second, secondTransport = connect(factory)
     first.dataReceived(b"put 1 1\n")

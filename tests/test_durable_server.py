@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from journalfiles import flip_byte, record_offset
-from kvtwist import journal
-from kvtwist.datadir import journal_name
+from kvtwist.storage import journal
+from kvtwist.storage.datadir import journalName
 from serverproc import ServerProcess, start_server, twistd
 
 
@@ -89,10 +89,10 @@ def test_a_torn_tail_is_dropped_with_a_warning_after_kill_9(tmp_path) -> None:
     server = start_server("--data", str(data))
     ask(server, b"put 1 1\nput 2 2\n")
     server.kill()
-    path = data / journal_name(1)
+    path = data / journalName(1)
     good = path.stat().st_size
     with open(path, "ab") as f:
-        f.write(journal.encode_put(3, 3)[:11])
+        f.write(journal.encodePut(3, 3)[:11])
     restarted = start_server("--data", str(data))
     try:
         assert ask(restarted, b"get 2\nget 3\n") == b"2\nKey not found\nGoodbye\n"
@@ -108,7 +108,7 @@ def test_a_corrupt_record_refuses_start_until_repaired(tmp_path) -> None:
     server = start_server("--data", str(data))
     ask(server, b"put 1 1\nput 2 2\nput 3 3\n")
     server.stop()
-    path = data / journal_name(1)
+    path = data / journalName(1)
     flip_byte(path, record_offset(1) + 2)
 
     result = start_failing(data)
@@ -117,7 +117,7 @@ def test_a_corrupt_record_refuses_start_until_repaired(tmp_path) -> None:
     assert f"{path} at offset {record_offset(1)}" in message and f"kvtwist-repair {data}" in message
     assert "Traceback" not in message
 
-    repaired = subprocess.run([sys.executable, "-m", "kvtwist.repair", str(data)], capture_output=True, text=True)
+    repaired = subprocess.run([sys.executable, "-m", "kvtwist.storage.repair", str(data)], capture_output=True, text=True)
     assert repaired.returncode == 0, repaired.stderr
     server = start_server("--data", str(data))
     try:

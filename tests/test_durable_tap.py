@@ -7,9 +7,9 @@ from twisted.application.service import IServiceCollection
 from twisted.internet.testing import MemoryReactor
 from twisted.python.usage import UsageError
 
-from kvtwist.datadir import DirectoryLock
-from kvtwist.durable import Always, DurableService, EverySecond, NoSync
-from kvtwist.journaled import JournaledStore
+from kvtwist.storage.datadir import DirectoryLock
+from kvtwist.storage.durable import Always, DurableService, EverySecond, NoSync
+from kvtwist.storage.journaled import JournaledStore
 from kvtwist.tap import KVService, Options, makeService
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtwist.intmap import EMPTY, IntMap
+from kvtwist.storage.intmap import EMPTY, IntMap
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 SALT = 12345
@@ -99,7 +99,7 @@ def test_key_parts_list_every_key_once(keys: list[int]) -> None:
     m = IntMap(salt=SALT)
     for k in keys:
         m.put(k, 0)
-    assert sorted(k for part in m.key_parts() for k in part) == sorted(set(keys))
+    assert sorted(k for part in m.keyParts() for k in part) == sorted(set(keys))
 
 
 @given(st.dictionaries(KEYS, KEYS, max_size=300), OPS)
@@ -136,7 +136,7 @@ def test_key_parts_taken_while_the_map_changes(initial: set[int], added: set[int
     added -= initial
     churn = iter(sorted(added))
     seen: list[int] = []
-    for part in m.key_parts():
+    for part in m.keyParts():
         seen += part
         for k in churn:
             m.put(k, 2)

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtwist import journal
-from kvtwist.journal import HEADER_SIZE, RECORD_SIZE, JournalFormatError, JournalWriter
+from kvtwist.storage import journal
+from kvtwist.storage.journal import HEADER_SIZE, RECORD_SIZE, JournalFormatError, JournalWriter
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 OPS = st.lists(st.one_of(st.tuples(st.just("put"), INT64, INT64), st.tuples(st.just("del"), INT64, st.just(0))))
 
 
 def encode(ops) -> bytes:
-    return journal.encode_header(journal.MAGIC, 7) + b"".join(
-        journal.encode_put(k, v) if op == "put" else journal.encode_del(k) for op, k, v in ops
+    return journal.encodeHeader(journal.MAGIC, 7) + b"".join(
+        journal.encodePut(k, v) if op == "put" else journal.encodeDel(k) for op, k, v in ops
     )
 
 
@@ -47,7 +47,7 @@ def test_any_cut_inside_the_last_record_is_a_torn_tail(ops, data) -> None:
     cut = data.draw(st.integers(min_value=len(whole) - RECORD_SIZE + 1, max_value=len(whole) - 1))
     state: dict[int, int] = {}
     scan = journal.replay("j", whole[:cut], state)
-    assert scan.torn and scan.bad_offset == len(whole) - RECORD_SIZE
+    assert scan.torn and scan.badOffset == len(whole) - RECORD_SIZE
     assert state == model(ops[:-1])
 
 
@@ -59,7 +59,7 @@ def test_a_flipped_bit_before_the_last_record_is_corruption(ops, data) -> None:
     whole[HEADER_SIZE + index * RECORD_SIZE + bit // 8] ^= 1 << (bit % 8)
     scan = journal.replay("j", bytes(whole), None)
     assert not scan.clean and not scan.torn
-    assert scan.bad_offset == HEADER_SIZE + index * RECORD_SIZE
+    assert scan.badOffset == HEADER_SIZE + index * RECORD_SIZE
 
 
 def test_a_flipped_bit_in_the_last_record_is_a_torn_tail() -> None:
@@ -80,7 +80,7 @@ def test_a_partial_record_after_a_bad_one_is_corruption() -> None:
     whole = bytearray(encode([("put", 1, 2), ("put", 3, 4)]))
     whole[HEADER_SIZE] ^= 0xFF
     scan = journal.replay("j", bytes(whole[:-3]), None)
-    assert not scan.torn and scan.bad_offset == HEADER_SIZE
+    assert not scan.torn and scan.badOffset == HEADER_SIZE
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_bad_headers_are_refused(mangle, detail) -> None:
 
 
 def test_an_unknown_version_is_refused() -> None:
-    data = journal.encode_header(journal.MAGIC, 1, version=journal.VERSION + 1)
+    data = journal.encodeHeader(journal.MAGIC, 1, version=journal.VERSION + 1)
     with pytest.raises(JournalFormatError, match="version"):
         journal.replay("j", data, None)
 
@@ -107,15 +107,15 @@ def test_an_unknown_version_is_refused() -> None:
 def test_writer_appends_records_that_read_back(tmp_path) -> None:
     path = str(tmp_path / "j")
     with open(path, "wb") as f:
-        f.write(journal.encode_header(journal.MAGIC, 1))
+        f.write(journal.encodeHeader(journal.MAGIC, 1))
     writer = JournalWriter.open(path)
-    writer.append(journal.encode_put(5, 6))
-    writer.append(journal.encode_del(5))
-    writer.append(journal.encode_put(-1, 2**63 - 1))
+    writer.append(journal.encodePut(5, 6))
+    writer.append(journal.encodeDel(5))
+    writer.append(journal.encodePut(-1, 2**63 - 1))
     writer.sync()
     writer.close()
     state: dict[int, int] = {}
-    scan = journal.read_journal(path, state)
+    scan = journal.readJournal(path, state)
     assert state == {-1: 2**63 - 1} and scan.records == 3 and scan.size == writer.size
 
 
@@ -123,9 +123,9 @@ def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None
     """A short write followed by ENOSPC is cut off, so later appends stay aligned."""
     path = str(tmp_path / "j")
     with open(path, "wb") as f:
-        f.write(journal.encode_header(journal.MAGIC, 1))
+        f.write(journal.encodeHeader(journal.MAGIC, 1))
     writer = JournalWriter.open(path)
-    writer.append(journal.encode_put(1, 1))
+    writer.append(journal.encodePut(1, 1))
     real_write = os.write
     calls = []
 
@@ -137,12 +137,12 @@ def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(os, "write", short_then_full)
     with pytest.raises(journal.JournalWriteError, match="No space left"):
-        writer.append(journal.encode_put(2, 2))
+        writer.append(journal.encodePut(2, 2))
     monkeypatch.undo()
-    writer.append(journal.encode_put(3, 3))
+    writer.append(journal.encodePut(3, 3))
     writer.close()
     state: dict[int, int] = {}
-    assert journal.read_journal(path, state).clean
+    assert journal.readJournal(path, state).clean
     assert state == {1: 1, 3: 3}
 
 
@@ -152,7 +152,7 @@ def test_close_waits_for_a_sync_running_in_another_thread(tmp_path, monkeypatch)
 
     path = str(tmp_path / "j")
     with open(path, "wb") as f:
-        f.write(journal.encode_header(journal.MAGIC, 1))
+        f.write(journal.encodeHeader(journal.MAGIC, 1))
     writer = JournalWriter.open(path)
     fd = writer._fd
     entered, release = threading.Event(), threading.Event()

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.protocol import KVFactory, KVProtocol, parseInt64
+from kvtwist.server.protocol import KVFactory, KVProtocol, parseInt64
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

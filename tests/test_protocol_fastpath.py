@@ -18,7 +18,7 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor
 
-from kvtwist.protocol import READ_SIZE, KVFactory, KVProtocol
+from kvtwist.server.protocol import READ_SIZE, KVFactory, KVProtocol
 
 
 class Pair:

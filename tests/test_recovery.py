@@ -9,15 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from journalfiles import chop, flip_byte, puts, record_offset, write_journal, write_snapshot
-from kvtwist.compaction import Blocking
-from kvtwist.datadir import journal_name
-from kvtwist.journaled import JournaledStore
-from kvtwist.recovery import RecoveryError, recover
+from kvtwist.storage.compaction import Blocking
+from kvtwist.storage.datadir import journalName
+from kvtwist.storage.journaled import JournaledStore
+from kvtwist.storage.recovery import RecoveryError, recover
 
 
 def test_an_empty_directory_recovers_empty(tmp_path) -> None:
     recovered = recover(str(tmp_path))
-    assert recovered.data == {} and recovered.journal_generation is None and not recovered.warnings
+    assert recovered.data == {} and recovered.journalGeneration is None and not recovered.warnings
 
 
 def test_snapshot_then_journals_in_order(tmp_path) -> None:
@@ -26,7 +26,7 @@ def test_snapshot_then_journals_in_order(tmp_path) -> None:
     write_journal(tmp_path, 3, [("put", 1, 100), ("del", 4, 0)])
     recovered = recover(str(tmp_path))
     assert recovered.data == {1: 100, 2: 2, 3: 3}
-    assert recovered.journal_generation == 3 and recovered.snapshot_generation == 2
+    assert recovered.journalGeneration == 3 and recovered.snapshotGeneration == 2
 
 
 def test_files_older_than_the_snapshot_and_temporaries_are_obsolete(tmp_path) -> None:
@@ -57,7 +57,7 @@ def test_torn_tail_is_left_alone_when_asked(tmp_path) -> None:
     path = write_journal(tmp_path, 1, puts(0, 2))
     chop(path, 1)
     size = path.stat().st_size
-    assert recover(str(tmp_path), truncate_torn=False).warnings
+    assert recover(str(tmp_path), truncateTorn=False).warnings
     assert path.stat().st_size == size
 
 
@@ -78,7 +78,7 @@ def test_a_torn_tail_in_an_older_journal_is_corruption(tmp_path) -> None:
     old = write_journal(tmp_path, 1, puts(0, 3))
     chop(old, 2)
     write_journal(tmp_path, 2, puts(3, 4))
-    with pytest.raises(RecoveryError, match=journal_name(1)):
+    with pytest.raises(RecoveryError, match=journalName(1)):
         recover(str(tmp_path))
 
 
@@ -98,7 +98,7 @@ def test_a_missing_journal_is_refused(tmp_path) -> None:
 
 
 def test_a_renamed_journal_is_refused(tmp_path) -> None:
-    write_journal(tmp_path, 1, puts(0, 1)).rename(tmp_path / journal_name(2))
+    write_journal(tmp_path, 1, puts(0, 1)).rename(tmp_path / journalName(2))
     with pytest.raises(RecoveryError, match="generation 1"):
         recover(str(tmp_path))
 
@@ -163,17 +163,17 @@ def test_reopening_gives_back_what_was_acknowledged(actions) -> None:
 
 def test_a_store_that_lists_its_keys_in_parts_is_snapshotted_part_by_part(tmp_path, monkeypatch) -> None:
     """Each part is taken when its turn comes, while the store changes in between."""
-    from kvtwist.store import Store
+    from kvtwist.storage.memory import Store
 
     taken: list[int] = []
     done = [0]
 
-    def key_parts(store):
+    def keyParts(store):
         for part in range(4):
             taken.append(done[0])
             yield [k for k, _ in store.items() if k % 4 == part]
 
-    monkeypatch.setattr(Store, "key_parts", key_parts, raising=False)
+    monkeypatch.setattr(Store, "keyParts", keyParts, raising=False)
     journaled = JournaledStore.open(str(tmp_path))
     for key in range(100):
         journaled.put(key, key)
@@ -197,7 +197,7 @@ def test_a_store_that_lists_its_keys_in_parts_is_snapshotted_part_by_part(tmp_pa
 
 
 def test_a_store_that_loads_in_bulk_is_filled_in_one_call(tmp_path, monkeypatch) -> None:
-    from kvtwist.store import Store
+    from kvtwist.storage.memory import Store
 
     calls: list[int] = []
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 from journalfiles import chop, flip_byte, puts, record_offset, write_journal, write_snapshot
-from kvtwist import repair
-from kvtwist.datadir import DirectoryLock
-from kvtwist.recovery import recover
+from kvtwist.storage import repair
+from kvtwist.storage.datadir import DirectoryLock
+from kvtwist.storage.recovery import recover
 
 
 def test_corrupt_middle_keeps_the_prefix_and_saves_the_rest(tmp_path, capsys) -> None:
@@ -36,7 +36,7 @@ def test_journals_after_the_damaged_one_are_moved_aside_whole(tmp_path) -> None:
 
 
 def test_a_damaged_snapshot_keeps_its_good_blocks(tmp_path, monkeypatch) -> None:
-    from kvtwist import snapshot
+    from kvtwist.storage import snapshot
 
     monkeypatch.setattr(snapshot, "MAX_BLOCK", 2)
     path = write_snapshot(tmp_path, 1, {k: k for k in range(6)})
@@ -52,7 +52,7 @@ def test_a_torn_tail_is_repaired_too(tmp_path) -> None:
     path = write_journal(tmp_path, 1, puts(0, 2))
     chop(path, 5)
     assert repair.main([str(tmp_path)]) == 0
-    assert recover(str(tmp_path), truncate_torn=False).warnings == []
+    assert recover(str(tmp_path), truncateTorn=False).warnings == []
 
 
 def test_a_healthy_directory_is_left_alone(tmp_path, capsys) -> None:
@@ -86,7 +86,7 @@ def test_runs_as_a_command(tmp_path) -> None:
     path = write_journal(tmp_path, 1, puts(0, 3))
     flip_byte(path, record_offset(1))
     result = subprocess.run(
-        [sys.executable, "-m", "kvtwist.repair", str(tmp_path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kvtwist.storage.repair", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert "loads 1 keys" in result.stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtwist import snapshot
-from kvtwist.journal import HEADER_SIZE
+from kvtwist.storage import snapshot
+from kvtwist.storage.journal import HEADER_SIZE
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 STATES = st.dictionaries(INT64, INT64, max_size=50)
@@ -15,7 +15,7 @@ STATES = st.dictionaries(INT64, INT64, max_size=50)
 @given(STATES)
 def test_round_trip(state) -> None:
     loaded: dict[int, int] = {}
-    scan = snapshot.load("s", snapshot.encode_snapshot(3, state.items()), loaded)
+    scan = snapshot.load("s", snapshot.encodeSnapshot(3, state.items()), loaded)
     assert loaded == state
     assert (scan.complete, scan.entries, scan.generation) == (True, len(state), 3)
 
@@ -31,7 +31,7 @@ def test_writer_writes_blocks_that_load_back(tmp_path, monkeypatch) -> None:
     writer.sync()
     writer.close()
     loaded: dict[int, int] = {}
-    scan = snapshot.read_snapshot(path, loaded)
+    scan = snapshot.readSnapshot(path, loaded)
     assert scan.complete and scan.size == writer.size
     assert loaded == {1: 10, 2: 20, **{k: -k for k in range(3, 11)}}
 
@@ -39,7 +39,7 @@ def test_writer_writes_blocks_that_load_back(tmp_path, monkeypatch) -> None:
 @settings(max_examples=60)
 @given(st.dictionaries(INT64, INT64, min_size=1, max_size=20), st.data())
 def test_any_damage_makes_the_snapshot_incomplete(state, data) -> None:
-    whole = bytearray(snapshot.encode_snapshot(1, state.items()))
+    whole = bytearray(snapshot.encodeSnapshot(1, state.items()))
     if data.draw(st.booleans()):
         cut = data.draw(st.integers(min_value=HEADER_SIZE, max_value=len(whole) - 1))
         damaged = bytes(whole[:cut])
@@ -56,10 +56,10 @@ def test_good_blocks_before_a_bad_one_still_load(monkeypatch) -> None:
     """Repair keeps them; recovery refuses the snapshot anyway."""
     monkeypatch.setattr(snapshot, "MAX_BLOCK", 2)
     state = {k: k * 2 for k in range(6)}
-    whole = bytearray(snapshot.encode_snapshot(1, state.items()))
+    whole = bytearray(snapshot.encodeSnapshot(1, state.items()))
     second_block = HEADER_SIZE + 8 + 2 * 16
     whole[second_block + 8] ^= 1
     loaded: dict[int, int] = {}
     scan = snapshot.load("s", bytes(whole), loaded)
-    assert not scan.complete and scan.good_end == second_block
+    assert not scan.complete and scan.goodEnd == second_block
     assert loaded == {0: 0, 1: 2}

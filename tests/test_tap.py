@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
 
-from kvtwist.protocol import KVFactory
+from kvtwist.server.protocol import KVFactory
 from kvtwist.tap import KVService, Options, makeService
 
 

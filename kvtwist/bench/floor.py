@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet import defer, endpoints, task
 
-from kvtwist.protocol import OK, KVFactory, KVProtocol
+from kvtwist.server.protocol import OK, KVFactory, KVProtocol
 
 DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
 

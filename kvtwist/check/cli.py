@@ -21,7 +21,7 @@ from twisted.internet.task import react
 from kvtwist.check.report import allPassed, renderJSON, renderText
 from kvtwist.check.runner import runChecks
 from kvtwist.check.target import ASSIGNMENT, PROFILES, Settings, Target
-from kvtwist.protocol import DEFAULT_MAX_REQUEST
+from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
 
 PROGRAM = "kvtwist-check"
 

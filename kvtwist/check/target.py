@@ -14,7 +14,7 @@ from twisted.internet.task import deferLater
 from kvtwist.client import KVClient, connect, hostEndpoint
 from kvtwist.check.probe import Probe, Transcript, openProbe
 from kvtwist.check.report import CheckResult
-from kvtwist.protocol import DEFAULT_MAX_REQUEST
+from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
 
 ASSIGNMENT = "assignment"
 KVTWIST = "kvtwist"

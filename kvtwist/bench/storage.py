@@ -1,4 +1,4 @@
-"""``python -m kvtwist.durablebench``: start-up recovery time and compaction stalls.
+"""``python -m kvtwist.bench.storage``: start-up recovery time and compaction stalls.
 
 Measures, at a given number of keys (1M by default):
 
@@ -26,33 +26,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvtwist import journal, snapshot
-from kvtwist.datadir import journal_name, snapshot_name
-from kvtwist.journaled import COMPACT_RATIO, JournaledStore
+from kvtwist.storage import journal, snapshot
+from kvtwist.storage.datadir import journalName, snapshotName
+from kvtwist.storage.journaled import COMPACT_RATIO, JournaledStore
 
 TICK = 0.005
 
 
-def build_journal_only(directory: Path, keys: int) -> None:
+def buildJournalOnly(directory: Path, keys: int) -> None:
     directory.mkdir(parents=True)
-    records = b"".join(journal.encode_put(k * 7919, k) for k in range(keys))
-    (directory / journal_name(1)).write_bytes(journal.encode_header(journal.MAGIC, 1) + records)
+    records = b"".join(journal.encodePut(k * 7919, k) for k in range(keys))
+    (directory / journalName(1)).write_bytes(journal.encodeHeader(journal.MAGIC, 1) + records)
 
 
-def build_snapshot_and_journal(directory: Path, keys: int) -> None:
+def buildSnapshotAndJournal(directory: Path, keys: int) -> None:
     """A snapshot of ``keys`` keys and a journal just under the compaction threshold."""
     directory.mkdir(parents=True)
-    snap = snapshot.encode_snapshot(2, ((k * 7919, k) for k in range(keys)))
-    (directory / snapshot_name(2)).write_bytes(snap)
+    snap = snapshot.encodeSnapshot(2, ((k * 7919, k) for k in range(keys)))
+    (directory / snapshotName(2)).write_bytes(snap)
     # Replace values (del + put) until the journal nearly triggers compaction.
     pairs = (COMPACT_RATIO * len(snap)) // (2 * journal.RECORD_SIZE) - 1
     records = b"".join(
-        journal.encode_del((i % keys) * 7919) + journal.encode_put((i % keys) * 7919, -i) for i in range(pairs)
+        journal.encodeDel((i % keys) * 7919) + journal.encodePut((i % keys) * 7919, -i) for i in range(pairs)
     )
-    (directory / journal_name(2)).write_bytes(journal.encode_header(journal.MAGIC, 2) + records)
+    (directory / journalName(2)).write_bytes(journal.encodeHeader(journal.MAGIC, 2) + records)
 
 
-def time_open(directory: Path) -> tuple[float, int]:
+def timeOpen(directory: Path) -> tuple[float, int]:
     started = time.perf_counter()
     journaled = JournaledStore.open(str(directory))
     elapsed = time.perf_counter() - started
@@ -61,7 +61,7 @@ def time_open(directory: Path) -> tuple[float, int]:
     return elapsed, count
 
 
-def time_server_start(directory: Path) -> float:
+def timeServerStart(directory: Path) -> float:
     """Seconds from spawning ``twistd kvstore --data`` until it logs that it listens."""
     twistd = str(Path(sys.executable).with_name("twistd"))
     log = directory.parent / "server.log"
@@ -82,7 +82,7 @@ def time_server_start(directory: Path) -> float:
         proc.wait(30)
 
 
-def measure_stalls(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
     """Run the reactor with a 5 ms timer and light writes, with or without a compaction.
 
     Returns (longest gap between timer runs beyond 5 ms, longest compaction
@@ -90,7 +90,7 @@ def measure_stalls(directory: Path, compact: bool, window: float) -> tuple[float
     """
     from twisted.internet import reactor, task
 
-    from kvtwist.durable import DurableService
+    from kvtwist.storage.durable import DurableService
 
     journaled = JournaledStore.open(str(directory))
     durable = DurableService(journaled, "everysec", reactor)
@@ -131,14 +131,14 @@ def measure_stalls(directory: Path, compact: bool, window: float) -> tuple[float
     return worst[0], durable.longestCompactionStep, result[0]
 
 
-def _child_stalls(directory: str, compact: str, window: str) -> None:
-    worst, step, seconds = measure_stalls(Path(directory), compact == "1", float(window))
+def _childStalls(directory: str, compact: str, window: str) -> None:
+    worst, step, seconds = measureStalls(Path(directory), compact == "1", float(window))
     print(f"{worst} {step} {seconds}")
 
 
-def stalls_in_child(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+def stallsInChild(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
     """Each measurement in a fresh process: a reactor runs only once per process."""
-    code = "import sys; from kvtwist import durablebench as b; b._child_stalls(*sys.argv[1:])"
+    code = "import sys; from kvtwist.bench import storage as b; b._childStalls(*sys.argv[1:])"
     out = subprocess.run(
         [sys.executable, "-c", code, str(directory), "1" if compact else "0", str(window)],
         capture_output=True, text=True, check=True,
@@ -148,26 +148,26 @@ def stalls_in_child(directory: Path, compact: bool, window: float) -> tuple[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvtwist.durablebench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvtwist.bench.storage", description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kvtwist-durablebench-"))
     try:
-        journal_only, with_snapshot = work / "journal-only", work / "snapshot"
-        build_journal_only(journal_only, args.keys)
-        build_snapshot_and_journal(with_snapshot, args.keys)
+        journalOnly, withSnapshot = work / "journal-only", work / "snapshot"
+        buildJournalOnly(journalOnly, args.keys)
+        buildSnapshotAndJournal(withSnapshot, args.keys)
         # A running server's journal is on disk already (everysec); do not
         # let the first fsync of a compaction pay for writing the test data.
         os.sync()
-        size = sum(p.stat().st_size for p in with_snapshot.iterdir())
+        size = sum(p.stat().st_size for p in withSnapshot.iterdir())
         print(f"{args.keys:,} keys; snapshot + journal case: {size / 1e6:.1f} MB on disk")
 
         opens: dict[str, list[float]] = {"journal only": [], "snapshot + journal": [], "twistd start-up": []}
         for _ in range(args.rounds):
-            opens["journal only"].append(time_open(journal_only)[0])
-            opens["snapshot + journal"].append(time_open(with_snapshot)[0])
-            opens["twistd start-up"].append(time_server_start(with_snapshot))
+            opens["journal only"].append(timeOpen(journalOnly)[0])
+            opens["snapshot + journal"].append(timeOpen(withSnapshot)[0])
+            opens["twistd start-up"].append(timeServerStart(withSnapshot))
         for name, times in opens.items():
             print(f"recovery, {name}: median {statistics.median(times):.2f} s (rounds: "
                   + ", ".join(f"{t:.2f}" for t in times) + ")")
@@ -177,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             copy = work / "copy"
             shutil.rmtree(copy, ignore_errors=True)
-            shutil.copytree(with_snapshot, copy)
+            shutil.copytree(withSnapshot, copy)
             os.sync()
-            worst, step, seconds = stalls_in_child(copy, True, 0)
+            worst, step, seconds = stallsInChild(copy, True, 0)
             stalls["compaction"].append(worst)
             steps.append(step)
             durations.append(seconds)
-            worst, _, _ = stalls_in_child(copy, False, seconds)
+            worst, _, _ = stallsInChild(copy, False, seconds)
             stalls["no compaction"].append(worst)
         print(f"compaction of {args.keys:,} keys: median {statistics.median(durations):.2f} s")
         for name, worsts in stalls.items():

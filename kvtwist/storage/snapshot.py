@@ -2,7 +2,7 @@
 
 A snapshot is written block by block (so a large store can be written a
 little at a time between other work), to a temporary name; it only gets
-its real name once it is complete and on disk (see ``kvtwist.compaction``).
+its real name once it is complete and on disk (see ``kvtwist.storage.compaction``).
 No Twisted imports.
 
 Layout (all integers little-endian)::
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Iterable, MutableMapping
 
-from kvtwist.journal import HEADER_SIZE, JournalFormatError, decode_header, encode_header
+from kvtwist.storage.journal import HEADER_SIZE, JournalFormatError, decodeHeader, encodeHeader
 
 MAGIC = b"KVTWSNAP"
 MAX_BLOCK = 65536
@@ -37,7 +37,7 @@ _ENTRY_SIZE = 16
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def encode_block(pairs: Iterable[tuple[int, int]]) -> bytes:
+def encodeBlock(pairs: Iterable[tuple[int, int]]) -> bytes:
     """Return the bytes of blocks holding ``pairs`` (empty input: no bytes)."""
     flat = array("q", chain.from_iterable(pairs))
     if _BIG_ENDIAN:
@@ -51,23 +51,23 @@ def encode_block(pairs: Iterable[tuple[int, int]]) -> bytes:
     return b"".join(out)
 
 
-def encode_trailer(total: int) -> bytes:
+def encodeTrailer(total: int) -> bytes:
     """Return the trailer that closes a snapshot of ``total`` entries."""
     packed = _TOTAL.pack(total)
     return _BLOCK.pack(0, zlib.crc32(packed)) + packed
 
 
-def encode_snapshot(generation: int, pairs: Iterable[tuple[int, int]]) -> bytes:
+def encodeSnapshot(generation: int, pairs: Iterable[tuple[int, int]]) -> bytes:
     """Return a whole snapshot in one piece (for small stores and tests)."""
     pairs = list(pairs)
-    return encode_header(MAGIC, generation) + encode_block(pairs) + encode_trailer(len(pairs))
+    return encodeHeader(MAGIC, generation) + encodeBlock(pairs) + encodeTrailer(len(pairs))
 
 
 @dataclass(frozen=True)
 class SnapshotScan:
     """What reading a snapshot found.
 
-    ``good_end`` is the offset after the last good block; ``entries``
+    ``goodEnd`` is the offset after the last good block; ``entries``
     counts the entries before it.  A snapshot is usable only when
     ``complete``: it ends with a good trailer whose total matches.
     """
@@ -75,13 +75,13 @@ class SnapshotScan:
     path: str
     generation: int
     entries: int
-    good_end: int
+    goodEnd: int
     size: int
     complete: bool
     detail: str = ""
 
 
-def read_snapshot(path: str, into: MutableMapping[int, int] | None) -> SnapshotScan:
+def readSnapshot(path: str, into: MutableMapping[int, int] | None) -> SnapshotScan:
     """Read a snapshot file, loading the entries of its good blocks into ``into``."""
     with open(path, "rb") as f:
         data = f.read()
@@ -90,7 +90,7 @@ def read_snapshot(path: str, into: MutableMapping[int, int] | None) -> SnapshotS
 
 def load(path: str, data: bytes, into: MutableMapping[int, int] | None) -> SnapshotScan:
     """Check a snapshot's bytes, loading the entries of its good blocks into ``into``."""
-    generation = decode_header(path, data, MAGIC)
+    generation = decodeHeader(path, data, MAGIC)
     view = memoryview(data)
     size = len(data)
     offset = HEADER_SIZE
@@ -143,7 +143,7 @@ class SnapshotWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(path, flags, 0o644)
         self.size = 0
-        self._write(encode_header(MAGIC, generation))
+        self._write(encodeHeader(MAGIC, generation))
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -154,12 +154,12 @@ class SnapshotWriter:
     def write(self, pairs: list[tuple[int, int]]) -> None:
         """Append the entries ``pairs``."""
         if pairs:
-            self._write(encode_block(pairs))
+            self._write(encodeBlock(pairs))
             self.entries += len(pairs)
 
     def finish(self) -> None:
         """Write the trailer: after this the file is a complete snapshot."""
-        self._write(encode_trailer(self.entries))
+        self._write(encodeTrailer(self.entries))
 
     def sync(self) -> None:
         os.fsync(self._fd)

@@ -189,7 +189,7 @@ class IntMap:
             if shard.size > shard.limit:
                 shards[h & _SHARD_MASK] = shard.grown(salt)
 
-    def key_parts(self) -> Iterator[list[int]]:
+    def keyParts(self) -> Iterator[list[int]]:
         """
         Every key, a shard at a time; each part is listed only when it is asked for.
 

@@ -4,7 +4,7 @@ A journal file is a header followed by fixed-size records, one per
 successful mutation.  Each record carries its own CRC32, which is how a
 torn or corrupt record is told apart from a good one.  This module knows
 nothing about *when* records reach the disk: that is the fsync policy's
-job (``kvtwist.durable``).  It has no Twisted imports, so it can be tested
+job (``kvtwist.storage.durable``).  It has no Twisted imports, so it can be tested
 and used (by recovery and repair) on its own.
 
 Layout (all integers little-endian)::
@@ -56,13 +56,13 @@ class JournalWriteError(Exception):
     """Appending to the journal failed; the record is not in the journal."""
 
 
-def encode_header(magic: bytes, generation: int, version: int = VERSION) -> bytes:
+def encodeHeader(magic: bytes, generation: int, version: int = VERSION) -> bytes:
     """Return a file header (shared by journals and snapshots)."""
     head = _HEADER.pack(magic, version, generation, 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def decode_header(path: str, data: bytes, magic: bytes) -> int:
+def decodeHeader(path: str, data: bytes, magic: bytes) -> int:
     """Check a file header and return the generation it names."""
     if len(data) < HEADER_SIZE:
         raise JournalFormatError(path, 0, f"file is {len(data)} bytes, shorter than its header")
@@ -76,13 +76,13 @@ def decode_header(path: str, data: bytes, magic: bytes) -> int:
     return generation
 
 
-def encode_put(key: int, value: int) -> bytes:
+def encodePut(key: int, value: int) -> bytes:
     """Return the record for a successful ``put key value``."""
     body = _BODY.pack(OP_PUT, key, value)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def encode_del(key: int) -> bytes:
+def encodeDel(key: int) -> bytes:
     """Return the record for a successful ``del key``."""
     body = _BODY.pack(OP_DEL, key, 0)
     return body + struct.pack("<I", zlib.crc32(body))
@@ -92,8 +92,8 @@ def encode_del(key: int) -> bytes:
 class JournalScan:
     """What reading a journal found.
 
-    ``good_end`` is the offset just after the last good record.  When the
-    file has bytes after that, ``bad_offset`` equals ``good_end`` and
+    ``goodEnd`` is the offset just after the last good record.  When the
+    file has bytes after that, ``badOffset`` equals ``goodEnd`` and
     ``torn`` says whether they are a torn tail (safe to drop) or
     corruption in the middle (must not be dropped silently).
     """
@@ -101,18 +101,18 @@ class JournalScan:
     path: str
     generation: int
     records: int
-    good_end: int
+    goodEnd: int
     size: int
     torn: bool
     detail: str = ""
 
     @property
     def clean(self) -> bool:
-        return self.good_end == self.size
+        return self.goodEnd == self.size
 
     @property
-    def bad_offset(self) -> int | None:
-        return None if self.clean else self.good_end
+    def badOffset(self) -> int | None:
+        return None if self.clean else self.goodEnd
 
 
 def replay(path: str, data: bytes, into: MutableMapping[int, int] | None) -> JournalScan:
@@ -123,7 +123,7 @@ def replay(path: str, data: bytes, into: MutableMapping[int, int] | None) -> Jou
     journal was being written gives the right final state.
     ``into`` may be None to only check.
     """
-    generation = decode_header(path, data, MAGIC)
+    generation = decodeHeader(path, data, MAGIC)
     view = memoryview(data)
     size = len(data)
     end = HEADER_SIZE + (size - HEADER_SIZE) // RECORD_SIZE * RECORD_SIZE
@@ -151,10 +151,10 @@ def replay(path: str, data: bytes, into: MutableMapping[int, int] | None) -> Jou
         return JournalScan(path, generation, count, offset, size, torn=False)
     if not detail:
         detail = f"incomplete record ({size - offset} of {RECORD_SIZE} bytes)"
-    return JournalScan(path, generation, count, offset, size, torn=_is_torn_tail(view, offset), detail=detail)
+    return JournalScan(path, generation, count, offset, size, torn=_isTornTail(view, offset), detail=detail)
 
 
-def _is_torn_tail(view: memoryview, bad: int) -> bool:
+def _isTornTail(view: memoryview, bad: int) -> bool:
     """Whether the bytes from ``bad`` to the end are a torn last write.
 
     They are when they are no longer than one record (the process died
@@ -166,7 +166,7 @@ def _is_torn_tail(view: memoryview, bad: int) -> bool:
     return len(tail) <= RECORD_SIZE or not any(tail)
 
 
-def read_journal(path: str, into: MutableMapping[int, int] | None = None) -> JournalScan:
+def readJournal(path: str, into: MutableMapping[int, int] | None = None) -> JournalScan:
     """Read and replay one journal file (see ``replay``)."""
     with open(path, "rb") as f:
         data = f.read()
@@ -204,11 +204,11 @@ class JournalWriter:
             while written < len(record):
                 written += os.write(self._fd, record[written:])
         except OSError as e:
-            self._undo_partial()
+            self._undoPartial()
             raise JournalWriteError(e.strerror or str(e)) from e
         self.size += len(record)
 
-    def _undo_partial(self) -> None:
+    def _undoPartial(self) -> None:
         # A partial record left in place would sit in the middle of the
         # journal once anything else is appended; cut it off.  If even that
         # fails, the store turns read-only and nothing more is appended, so

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from kvtwist.intmap import IntMap
+from kvtwist.storage.intmap import IntMap
 
 
 class StoreError(Exception):
@@ -47,13 +47,13 @@ class Store:
         """Fill an empty store with ``count`` pairs of distinct keys, faster than ``put`` one by one."""
         self._data.load(pairs, count)
 
-    def key_parts(self) -> Iterator[list[int]]:
+    def keyParts(self) -> Iterator[list[int]]:
         """
         Every key, in parts listed one at a time, so that a snapshot never
         has to list millions of keys in a single reactor turn. A key that
         stays in the store while the parts are taken appears in exactly one.
         """
-        return self._data.key_parts()
+        return self._data.keyParts()
 
     def __len__(self) -> int:
         return len(self._data)

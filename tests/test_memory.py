@@ -2,7 +2,7 @@
 
 from hypothesis import given, strategies as st
 
-from kvtwist.store import Store
+from kvtwist.storage.memory import Store
 
 int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

@@ -15,14 +15,14 @@ import argparse
 import os
 import sys
 
-from kvtwist import journal, snapshot
-from kvtwist.datadir import DataDirLocked, DirectoryLock, fsync_dir, list_files, write_file_atomically
-from kvtwist.recovery import RecoveryError, recover
+from kvtwist.storage import journal, snapshot
+from kvtwist.storage.datadir import DataDirLocked, DirectoryLock, fsyncDir, listFiles, writeFileAtomically
+from kvtwist.storage.recovery import RecoveryError, recover
 
 ASIDE = ".aside"
 
 
-def _save_tail(path: str, offset: int) -> str:
+def _saveTail(path: str, offset: int) -> str:
     """Copy ``path`` from ``offset`` on into a durable side file, and name it."""
     side = f"{path}{ASIDE}-{offset}"
     with open(path, "rb") as f:
@@ -35,9 +35,9 @@ def _save_tail(path: str, offset: int) -> str:
     return side
 
 
-def _move_tail_aside(path: str, offset: int) -> str:
+def _moveTailAside(path: str, offset: int) -> str:
     """Save ``path`` from ``offset`` on into a side file, then cut ``path`` there."""
-    side = _save_tail(path, offset)
+    side = _saveTail(path, offset)
     with open(path, "r+b") as f:
         f.truncate(offset)
         f.flush()
@@ -47,11 +47,11 @@ def _move_tail_aside(path: str, offset: int) -> str:
 
 def repair(dirpath: str) -> list[str]:
     """Repair ``dirpath`` in place and return one line per change made."""
-    listing = list_files(dirpath)
+    listing = listFiles(dirpath)
     actions: list[str] = []
     base = max(listing.snapshots, default=0)
     if base:
-        actions += _repair_snapshot(dirpath, listing.snapshots[base])
+        actions += _repairSnapshot(dirpath, listing.snapshots[base])
 
     damaged = False
     for generation in sorted(g for g in listing.journals if g >= base):
@@ -61,39 +61,39 @@ def repair(dirpath: str) -> list[str]:
             actions.append(f"moved {path} aside to {path + ASIDE} (it follows the damaged journal)")
             continue
         try:
-            scan = journal.read_journal(path)
+            scan = journal.readJournal(path)
         except journal.JournalFormatError as e:
             os.replace(path, path + ASIDE)
             actions.append(f"moved {path} aside to {path + ASIDE} (bad header: {e.detail})")
             damaged = True
             continue
         if not scan.clean:
-            side = _move_tail_aside(path, scan.good_end)
+            side = _moveTailAside(path, scan.goodEnd)
             actions.append(
-                f"kept {scan.records} records of {path}; moved {scan.size - scan.good_end} bytes "
-                f"from offset {scan.good_end} ({scan.detail}) aside to {side}"
+                f"kept {scan.records} records of {path}; moved {scan.size - scan.goodEnd} bytes "
+                f"from offset {scan.goodEnd} ({scan.detail}) aside to {side}"
             )
             damaged = True
     if actions:
-        fsync_dir(dirpath)
+        fsyncDir(dirpath)
     return actions
 
 
-def _repair_snapshot(dirpath: str, name: str) -> list[str]:
+def _repairSnapshot(dirpath: str, name: str) -> list[str]:
     path = os.path.join(dirpath, name)
     good: dict[int, int] = {}
     try:
-        scan = snapshot.read_snapshot(path, good)
+        scan = snapshot.readSnapshot(path, good)
     except journal.JournalFormatError as e:
         os.replace(path, path + ASIDE)
         return [f"moved {path} aside to {path + ASIDE} (bad header: {e.detail}); its keys are lost"]
     if scan.complete:
         return []
-    side = _save_tail(path, scan.good_end)
-    write_file_atomically(dirpath, name, snapshot.encode_snapshot(scan.generation, good.items()))
+    side = _saveTail(path, scan.goodEnd)
+    writeFileAtomically(dirpath, name, snapshot.encodeSnapshot(scan.generation, good.items()))
     return [
-        f"kept {scan.entries} entries of {path}; moved {scan.size - scan.good_end} bytes from offset "
-        f"{scan.good_end} ({scan.detail}) aside to {side}; the keys stored there are lost"
+        f"kept {scan.entries} entries of {path}; moved {scan.size - scan.goodEnd} bytes from offset "
+        f"{scan.goodEnd} ({scan.detail}) aside to {side}; the keys stored there are lost"
     ]
 
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         actions = repair(dirpath)
         for line in actions:
             print(line)
-        recovered = recover(dirpath, truncate_torn=False)
+        recovered = recover(dirpath, truncateTorn=False)
     except (RecoveryError, OSError) as e:
         print(f"kvtwist-repair: {e}", file=sys.stderr)
         return 1

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from kvtwist import journal, snapshot
-from kvtwist.datadir import list_files
+from kvtwist.storage import journal, snapshot
+from kvtwist.storage.datadir import listFiles
 
 
 T = TypeVar("T")
@@ -30,45 +30,45 @@ class Recovered:
     """The state found in a data directory, and where writing goes on."""
 
     data: dict[int, int]
-    snapshot_generation: int
-    snapshot_size: int
-    journal_generation: int | None
-    journal_bytes: int
+    snapshotGeneration: int
+    snapshotSize: int
+    journalGeneration: int | None
+    journalBytes: int
     warnings: list[str] = field(default_factory=list)
     obsolete: list[str] = field(default_factory=list)
 
 
-def repair_hint(dirpath: str) -> str:
+def repairHint(dirpath: str) -> str:
     return (
         f"Nothing was changed. To keep everything before that offset and move the rest aside, "
         f"stop the server and run: kvtwist-repair {dirpath}"
     )
 
 
-def corruption_message(dirpath: str, path: str, offset: int, detail: str, size: int) -> str:
+def corruptionMessage(dirpath: str, path: str, offset: int, detail: str, size: int) -> str:
     return (
         f"corrupt data in {path} at offset {offset}: {detail} "
-        f"({size - offset} bytes from there to the end of the file). {repair_hint(dirpath)}"
+        f"({size - offset} bytes from there to the end of the file). {repairHint(dirpath)}"
     )
 
 
-def recover(dirpath: str, truncate_torn: bool = True) -> Recovered:
+def recover(dirpath: str, truncateTorn: bool = True) -> Recovered:
     """Read the data directory ``dirpath`` and return what it holds.
 
-    With ``truncate_torn``, a torn tail is also cut off the newest journal
+    With ``truncateTorn``, a torn tail is also cut off the newest journal
     (and the cut made durable), so appends continue from a good record.
     """
-    listing = list_files(dirpath)
+    listing = listFiles(dirpath)
     data: dict[int, int] = {}
     base = max(listing.snapshots, default=0)
-    snapshot_size = 0
+    snapshotSize = 0
     if base:
         path = os.path.join(dirpath, listing.snapshots[base])
-        scan = _checked(dirpath, lambda: snapshot.read_snapshot(path, data))
+        scan = _checked(dirpath, lambda: snapshot.readSnapshot(path, data))
         if not scan.complete:
-            raise RecoveryError(corruption_message(dirpath, path, scan.good_end, scan.detail, scan.size))
-        _check_generation(path, scan.generation, base)
-        snapshot_size = scan.size
+            raise RecoveryError(corruptionMessage(dirpath, path, scan.goodEnd, scan.detail, scan.size))
+        _checkGeneration(path, scan.generation, base)
+        snapshotSize = scan.size
 
     generations = sorted(g for g in listing.journals if g >= base)
     expected = list(range(generations[0], generations[0] + len(generations))) if generations else []
@@ -79,22 +79,22 @@ def recover(dirpath: str, truncate_torn: bool = True) -> Recovered:
             f"(found: {names}); a journal file is missing: restore it from a backup"
         )
 
-    recovered = Recovered(data, base, snapshot_size, generations[-1] if generations else None, 0)
+    recovered = Recovered(data, base, snapshotSize, generations[-1] if generations else None, 0)
     for generation in generations:
         path = os.path.join(dirpath, listing.journals[generation])
-        scan = _checked(dirpath, lambda: journal.read_journal(path, data))
-        _check_generation(path, scan.generation, generation)
+        scan = _checked(dirpath, lambda: journal.readJournal(path, data))
+        _checkGeneration(path, scan.generation, generation)
         if not scan.clean:
             if not scan.torn or generation != generations[-1]:
-                raise RecoveryError(corruption_message(dirpath, path, scan.good_end, scan.detail, scan.size))
-            action = "the file was truncated there" if truncate_torn else "the file was left as it is"
+                raise RecoveryError(corruptionMessage(dirpath, path, scan.goodEnd, scan.detail, scan.size))
+            action = "the file was truncated there" if truncateTorn else "the file was left as it is"
             recovered.warnings.append(
-                f"dropped a torn record at the end of {path} at offset {scan.good_end} "
-                f"({scan.size - scan.good_end} bytes: {scan.detail}); {action}"
+                f"dropped a torn record at the end of {path} at offset {scan.goodEnd} "
+                f"({scan.size - scan.goodEnd} bytes: {scan.detail}); {action}"
             )
-            if truncate_torn:
-                _truncate(path, scan.good_end)
-        recovered.journal_bytes += scan.good_end
+            if truncateTorn:
+                _truncate(path, scan.goodEnd)
+        recovered.journalBytes += scan.goodEnd
 
     recovered.obsolete = [
         os.path.join(dirpath, name)
@@ -112,10 +112,10 @@ def _checked(dirpath: str, read: Callable[[], T]) -> T:
     try:
         return read()
     except journal.JournalFormatError as e:
-        raise RecoveryError(corruption_message(dirpath, e.path, e.offset, e.detail, os.path.getsize(e.path))) from e
+        raise RecoveryError(corruptionMessage(dirpath, e.path, e.offset, e.detail, os.path.getsize(e.path))) from e
 
 
-def _check_generation(path: str, found: int, expected: int) -> None:
+def _checkGeneration(path: str, found: int, expected: int) -> None:
     if found != expected:
         raise RecoveryError(
             f"{path} says it is generation {found}, but its name says {expected}; "

@@ -19,7 +19,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kvtwist.store import Store, StoreError
+from kvtwist.storage.memory import Store, StoreError
 
 DEFAULT_MAX_REQUEST = 4096
 DEFAULT_MAX_CONNECTIONS = 10000
@@ -361,7 +361,7 @@ class KVFactory(Factory):
         """
         Call ``f(*args)`` once the writes its replies depend on are as durable as promised.
 
-        The contract with a durable store (``kvtwist.durable``): the store
+        The contract with a durable store (``kvtwist.storage.durable``): the store
         calls made since the previous ``whenDurable`` call produced this
         batch's replies, and ``f`` is a bound method of the connection's
         protocol, so that one connection's batches keep their order.

@@ -22,19 +22,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvtwist.journal import MAGIC as JOURNAL_MAGIC
-from kvtwist.journal import JournalWriter, encode_header
+from kvtwist.storage.journal import MAGIC as JOURNAL_MAGIC
+from kvtwist.storage.journal import JournalWriter, encodeHeader
 
 LOCK_NAME = "LOCK"
 TEMP_SUFFIX = ".tmp"
 _NAME = re.compile(r"^(journal|snapshot)-(\d{8,})\.(kvj|kvs)$")
 
 
-def journal_name(generation: int) -> str:
+def journalName(generation: int) -> str:
     return f"journal-{generation:08d}.kvj"
 
 
-def snapshot_name(generation: int) -> str:
+def snapshotName(generation: int) -> str:
     return f"snapshot-{generation:08d}.kvs"
 
 
@@ -47,7 +47,7 @@ class Listing:
     temporaries: list[str] = field(default_factory=list)
 
 
-def list_files(dirpath: str) -> Listing:
+def listFiles(dirpath: str) -> Listing:
     """Name the journals, snapshots and unfinished temporary files in ``dirpath``."""
     listing = Listing()
     for name in sorted(os.listdir(dirpath)):
@@ -65,7 +65,7 @@ def list_files(dirpath: str) -> Listing:
     return listing
 
 
-def fsync_dir(dirpath: str) -> None:
+def fsyncDir(dirpath: str) -> None:
     """Make the directory's entries (creations, renames, removals) durable."""
     fd = os.open(dirpath, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -74,7 +74,7 @@ def fsync_dir(dirpath: str) -> None:
         os.close(fd)
 
 
-def write_file_atomically(
+def writeFileAtomically(
     dirpath: str, name: str, data: bytes, crashpoint: Callable[[str], None] = lambda step: None, label: str = "file"
 ) -> None:
     """Create ``name`` with ``data`` so that a crash leaves it whole or absent.
@@ -92,15 +92,15 @@ def write_file_atomically(
     crashpoint(f"{label} written")
     os.replace(temp, final)
     crashpoint(f"{label} renamed")
-    fsync_dir(dirpath)
+    fsyncDir(dirpath)
 
 
-def create_journal(
+def createJournal(
     dirpath: str, generation: int, crashpoint: Callable[[str], None] = lambda step: None
 ) -> JournalWriter:
     """Create an empty journal for ``generation`` and open it for appending."""
-    name = journal_name(generation)
-    write_file_atomically(dirpath, name, encode_header(JOURNAL_MAGIC, generation), crashpoint, "new journal")
+    name = journalName(generation)
+    writeFileAtomically(dirpath, name, encodeHeader(JOURNAL_MAGIC, generation), crashpoint, "new journal")
     return JournalWriter.open(os.path.join(dirpath, name))
 
 
@@ -135,9 +135,9 @@ class DirectoryLock:
                 f"stop that server or choose another --data directory"
             ) from None
         self._fd = fd
-        self.record_owner()
+        self.recordOwner()
 
-    def record_owner(self) -> None:
+    def recordOwner(self) -> None:
         """Write this process's pid into the lock file (again after twistd forks into the background)."""
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)

@@ -24,15 +24,15 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from kvtwist.datadir import TEMP_SUFFIX, fsync_dir, list_files, snapshot_name
-from kvtwist.snapshot import SnapshotWriter
+from kvtwist.storage.datadir import TEMP_SUFFIX, fsyncDir, listFiles, snapshotName
+from kvtwist.storage.snapshot import SnapshotWriter
 
 CHUNK = 1024
 
 Crashpoint = Callable[[str], None]
 
 
-def no_crash(step: str) -> None:
+def noCrash(step: str) -> None:
     """The default crash point: carry on."""
 
 
@@ -43,12 +43,12 @@ class Blocking:
     fn: Callable[[], object]
 
 
-def snapshot_steps(
+def snapshotSteps(
     dirpath: str,
     generation: int,
-    key_parts: Iterable[Sequence[int]],
+    keyParts: Iterable[Sequence[int]],
     lookup: Callable[[int], int | None],
-    crashpoint: Crashpoint = no_crash,
+    crashpoint: Crashpoint = noCrash,
     chunk: int = CHUNK,
 ) -> Iterator[Blocking | None]:
     """Write snapshot ``generation``, make it current, and remove older files.
@@ -58,11 +58,11 @@ def snapshot_steps(
     there; after it, the new snapshot and journal ``generation`` are.
     Closing the generator early removes the unfinished temporary file.
     """
-    final = os.path.join(dirpath, snapshot_name(generation))
+    final = os.path.join(dirpath, snapshotName(generation))
     temp = final + TEMP_SUFFIX
     writer = SnapshotWriter(temp, generation)
     try:
-        for keys in key_parts:
+        for keys in keyParts:
             for start in range(0, len(keys), chunk):
                 pairs = []
                 for key in keys[start : start + chunk]:
@@ -84,17 +84,17 @@ def snapshot_steps(
     writer.close()
     os.replace(temp, final)
     crashpoint("snapshot renamed")
-    yield Blocking(lambda: fsync_dir(dirpath))
+    yield Blocking(lambda: fsyncDir(dirpath))
     crashpoint("snapshot durable")
     # Unlinking big files takes a while on some file systems: off the loop too.
-    yield Blocking(lambda: remove_obsolete(dirpath, generation))
+    yield Blocking(lambda: removeObsolete(dirpath, generation))
     crashpoint("old files removed")
-    yield Blocking(lambda: fsync_dir(dirpath))
+    yield Blocking(lambda: fsyncDir(dirpath))
 
 
-def remove_obsolete(dirpath: str, current: int) -> list[str]:
+def removeObsolete(dirpath: str, current: int) -> list[str]:
     """Remove journals and snapshots older than generation ``current``; name them."""
-    listing = list_files(dirpath)
+    listing = listFiles(dirpath)
     removed = []
     for generation, name in [*listing.journals.items(), *listing.snapshots.items()]:
         if generation < current:

@@ -1,6 +1,6 @@
 """When journaled changes reach the disk, and the service that runs it all.
 
-``kvtwist.journaled`` decides what goes in the log; this module decides
+``kvtwist.storage.journaled`` decides what goes in the log; this module decides
 when it is made durable (the ``--fsync`` policy), when replies may leave
 (``whenDurable``), when to compact, and how to stop cleanly.
 
@@ -24,8 +24,8 @@ from twisted.internet.interfaces import IReactorCore, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvtwist.compaction import Blocking, Crashpoint, no_crash
-from kvtwist.journaled import JournaledStore
+from kvtwist.storage.compaction import Blocking, Crashpoint, noCrash
+from kvtwist.storage.journaled import JournaledStore
 
 FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_FSYNC = "everysec"
@@ -74,7 +74,7 @@ class _Policy:
 
     def _syncInBackground(self) -> None:
         """Start fsyncing, off the reactor, everything appended so far."""
-        target, sync = self.journaled.pending_sync()
+        target, sync = self.journaled.pendingSync()
         self._inflight = self._runBlocking(sync)
         self._inflight.addBoth(self._syncEnded, target)
 
@@ -83,9 +83,9 @@ class _Policy:
         failed = isinstance(result, Failure)
         if failed:
             error = result.value
-            self.journaled.sync_failed(error if isinstance(error, OSError) else OSError(str(error)))
+            self.journaled.syncFailed(error if isinstance(error, OSError) else OSError(str(error)))
         else:
-            self.journaled.mark_durable(target)
+            self.journaled.markDurable(target)
         # Those who waited for the fsync to end (to stop) go first, before
         # the next fsync can start.
         waiters, self._idleWaiters = self._idleWaiters, []
@@ -121,7 +121,7 @@ class EverySecond(_Policy):
         journaled = self.journaled
         # Also when read-only after a failed append: what was written before
         # it still deserves the disk.  Not after a failed fsync.
-        if self._inflight is None and not journaled.sync_broken and journaled.unsynced:
+        if self._inflight is None and not journaled.syncBroken and journaled.unsynced:
             self._syncInBackground()
 
     def stop(self) -> defer.Deferred[None]:
@@ -136,7 +136,7 @@ class Always(_Policy):
 
     Each reply batch is tagged with the newest record it depends on (a
     write it made, or a value it read that an unsynced write set; see
-    ``JournaledStore.track_dependencies``) and leaves once an fsync has
+    ``JournaledStore.trackDependencies``) and leaves once an fsync has
     covered that record.  Batches that depend on nothing unsynced leave at
     once.  The batches of one connection always leave in the order they
     were produced; a connection is known by the object whose bound method
@@ -152,7 +152,7 @@ class Always(_Policy):
         self._lastWaiting: dict[int, int] = {}
         self._scheduled: Any = None
         self._failed = False
-        self.journaled.track_dependencies()
+        self.journaled.trackDependencies()
 
     def appended(self) -> None:
         # Wait for the end of this reactor turn, so that one fsync covers
@@ -162,7 +162,7 @@ class Always(_Policy):
 
     def whenDurable(self, f: Callable[..., object], *args: object) -> None:
         journaled = self.journaled
-        needs = journaled.take_dependency()
+        needs = journaled.takeDependency()
         # id(), not the object: protocols need not be hashable.  A waiting
         # batch holds its owner alive, so the id cannot be reused meanwhile.
         owner = id(getattr(f, "__self__", None))
@@ -219,7 +219,7 @@ class Always(_Policy):
     def _flush(self) -> None:
         """Sync in the reactor (the last one) and send what is still waiting."""
         if not self._failed and self.journaled.unsynced:
-            target, sync = self.journaled.pending_sync()
+            target, sync = self.journaled.pendingSync()
             self._inflight = defer.maybeDeferred(sync)
             self._inflight.addBoth(self._syncEnded, target)
         elif not self._failed:
@@ -252,7 +252,7 @@ class DurableService(service.Service):
         fsync: str = DEFAULT_FSYNC,
         reactor: IReactorCore | None = None,
         runBlocking: Callable[[Callable[[], object]], defer.Deferred[Any]] | None = None,
-        crashpoint: Crashpoint = no_crash,
+        crashpoint: Crashpoint = noCrash,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[assignment]
@@ -266,15 +266,15 @@ class DurableService(service.Service):
         self._compaction: defer.Deferred[None] | None = None
         self._stopping = False
         self.longestCompactionStep = 0.0
-        journaled.on_append = self._appended
-        journaled.on_read_only = self._readOnly
+        journaled.onAppend = self._appended
+        journaled.onReadOnly = self._readOnly
 
     def _inThread(self, fn: Callable[[], object]) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn)
 
     def _appended(self) -> None:
         self.policy.appended()
-        if self._compaction is None and self.running and self.journaled.wants_compaction():
+        if self._compaction is None and self.running and self.journaled.wantsCompaction():
             self.compact()
 
     def _readOnly(self, reason: str) -> None:
@@ -285,7 +285,7 @@ class DurableService(service.Service):
     def startService(self) -> None:
         super().startService()
         if self.journaled.lock is not None:
-            self.journaled.lock.record_owner()
+            self.journaled.lock.recordOwner()
         for warning in self.journaled.warnings:
             _log.warn("kvstore: recovery: {warning}", warning=warning)
         _log.info(
@@ -340,7 +340,7 @@ class DurableService(service.Service):
     def _compactionFailed(self, failure: Failure) -> None:
         self._compaction = None
         _log.failure("kvstore: compaction failed", failure)
-        self.journaled.turn_read_only(f"compaction failed: {failure.value}")
+        self.journaled.turnReadOnly(f"compaction failed: {failure.value}")
 
     # Stopping
 
