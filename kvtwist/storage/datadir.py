@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvtwist.storage.journal import MAGIC as JOURNAL_MAGIC
-from kvtwist.storage.journal import JournalWriter, encodeHeader
+from kvtwist.storage.journal import encodeHeader
+from kvtwist.storage.journalwriter import JournalWriter
 
 LOCK_NAME = "LOCK"
 TEMP_SUFFIX = ".tmp"

@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 from kvtwist.storage import compaction
 from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, snapshotName
-from kvtwist.storage.journal import JournalWriteError, JournalWriter, encodeDel, encodePut
+from kvtwist.storage.journal import encodeDel, encodePut
+from kvtwist.storage.journalwriter import JournalWriteError, JournalWriter
 from kvtwist.storage.recovery import recover
 from kvtwist.storage.memory import Store, StoreError
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Iterable, MutableMapping
 
-from kvtwist.storage.journal import HEADER_SIZE, JournalFormatError, decodeHeader, encodeHeader
+from kvtwist.storage.journal import HEADER_SIZE, decodeHeader, encodeHeader
 
 MAGIC = b"KVTWSNAP"
 MAX_BLOCK = 65536
