@@ -31,7 +31,7 @@ from collections import deque
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -66,6 +66,9 @@ class KVClient(Protocol):
     with the reason.
     """
 
+    #: Set by ``makeConnection``; a stream connection's transport can also abort.
+    transport: ITCPTransport | None
+
     def __init__(self) -> None:
         self._pending: deque[Deferred[str]] = deque()
         self._buffer = b""
@@ -95,7 +98,7 @@ class KVClient(Protocol):
             return fail(ConnectionClosing("the connection is closed or closing"))
         reply: Deferred[str] = Deferred()
         self._pending.append(reply)
-        self.transport.write(line + b"\n")
+        self.connection.write(line + b"\n")
         return reply
 
     def put(self, key: int, value: int) -> Deferred[bool]:
@@ -129,7 +132,7 @@ class KVClient(Protocol):
             if reply != "Goodbye":
                 raise UnexpectedReply(f"expected 'Goodbye', got {reply!r}")
             done = self.whenClosed()
-            self.transport.loseConnection()
+            self.connection.loseConnection()
             return done
 
         return goodbye.addCallback(closed)
@@ -146,6 +149,17 @@ class KVClient(Protocol):
     def outstanding(self) -> int:
         """How many requests are still waiting for their reply."""
         return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone."""
+        return self._lost is not None
+
+    @property
+    def connection(self) -> ITCPTransport:
+        """The transport of a connected client."""
+        assert self.transport is not None, "not connected"
+        return self.transport
 
     # Protocol
 
@@ -177,8 +191,8 @@ class KVClient(Protocol):
             if not waiting.called:
                 waiting.errback(reason)
         closed, self._whenClosed = self._whenClosed, []
-        for waiting in closed:
-            waiting.callback(None)
+        for done in closed:
+            done.callback(None)
 
     def _protocolError(self, error: KVClientError) -> None:
         # The reply stream can no longer be matched to requests: fail the
@@ -189,7 +203,7 @@ class KVClient(Protocol):
             if not waiting.called:
                 waiting.errback(error)
                 break
-        self.transport.abortConnection()
+        self.connection.abortConnection()
 
 
 def _decode(reply: str, meanings: dict[str, bool]) -> bool:

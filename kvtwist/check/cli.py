@@ -115,7 +115,7 @@ async def run(
     except Exception as e:
         print(f"{PROGRAM}: cannot connect to {target.address}: {e}", file=err)
         return 2
-    client.transport.loseConnection()
+    client.connection.loseConnection()
     target.progress(f"checking {target.address} with profile {settings.profile}, seed {settings.seed}")
     results = await runChecks(target)
     out.write(renderText(target.address, settings.shown(), results))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any, cast
 
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from kvtwist.client import KVClient
 from kvtwist.check import linearizability, workload
@@ -35,7 +37,9 @@ async def connectAll(target: Target, count: int) -> tuple[list[KVClient], list[s
     """``count`` connections opened at once; the clients and the errors of those that failed."""
     outcomes = await DeferredList([target.client() for _ in range(count)], consumeErrors=True)
     clients = [value for ok, value in outcomes if ok]
-    errors = [value.getErrorMessage() for ok, value in outcomes if not ok]
+    # DeferredList's type claims every value is a result; with consumeErrors
+    # a failed connection's value is its Failure.
+    errors = [cast(Failure, value).getErrorMessage() for ok, value in outcomes if not ok]
     return clients, errors
 
 
@@ -83,7 +87,7 @@ async def recordHistory(target: Target) -> tuple[list[Operation], list[str]]:
         try:
             await client.bye()
         except Exception:
-            client.transport.abortConnection()
+            client.connection.abortConnection()
 
     def report() -> None:
         target.progress(
@@ -98,8 +102,8 @@ async def recordHistory(target: Target) -> tuple[list[Operation], list[str]]:
     def giveUp() -> None:
         # A server that stopped answering would keep us here forever.
         for client in clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
+            if not client.closed:
+                client.connection.abortConnection()
 
     deadline = target.reactor.callLater(settings.duration + 2 * settings.timeout, giveUp)
     try:
@@ -147,7 +151,9 @@ def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResul
     target.progress(f"concurrency: checking linearizability of {len(operations)} operations on {keys} keys")
     started = target.clock()
     verdicts = linearizability.checkHistory(operations)
-    stats = {"operations": len(operations), "keys": keys, "check_seconds": round(target.clock() - started, 3)}
+    stats: dict[str, Any] = {
+        "operations": len(operations), "keys": keys, "check_seconds": round(target.clock() - started, 3)
+    }
     bad = [verdict for verdict in verdicts if not verdict.linearizable and verdict.decided]
     undecided = [verdict for verdict in verdicts if not verdict.decided]
     if not operations:

@@ -281,11 +281,11 @@ def checkHistory(
             )
         else:
             verdicts.append(KeyVerdict(key, len(ops), False, minimal=False))
-    found = sorted(
+    withWitness = sorted(
         (verdict for verdict in verdicts if verdict.witness),
         key=lambda verdict: (len(verdict.witness) + len(verdict.others), verdict.key),
     )
-    for verdict in found[witnesses:]:
+    for verdict in withWitness[witnesses:]:
         verdict.witness, verdict.others, verdict.minimal = (), (), False
     return verdicts
 

@@ -75,7 +75,8 @@ def step(state: State, verb: str, value: int | None, outcome: Outcome | int) -> 
             return ABSENT if _mayBeAbsent(state) else IMPOSSIBLE
         if outcome is Outcome.UNKNOWN:
             return state
-        if state == outcome or state is PRESENT or state is UNKNOWN:
+        # Otherwise a get's outcome is the value read (see ``decodeReply``).
+        if isinstance(outcome, int) and (state == outcome or state is PRESENT or state is UNKNOWN):
             return outcome
         return IMPOSSIBLE
     if verb == DEL:

@@ -14,7 +14,7 @@ from collections import deque
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -61,6 +61,9 @@ class Probe(Protocol):
     CR is acceptable is for the caller (the profile) to decide.
     """
 
+    #: Set by ``makeConnection``; a stream connection's transport can also abort.
+    transport: ITCPTransport | None
+
     def __init__(self, reactor: IReactorTime, name: str, transcript: Transcript) -> None:
         self.reactor = reactor
         self.name = name
@@ -72,25 +75,31 @@ class Probe(Protocol):
         self._waiter: Deferred[bytes | None] | None = None
         self._whenClosed: list[Deferred[bool]] = []
 
+    @property
+    def connection(self) -> ITCPTransport:
+        """The transport of a connected probe."""
+        assert self.transport is not None, "not connected"
+        return self.transport
+
     def _note(self, text: str) -> None:
         self.transcript.note(f"{self.name}: {text}")
 
     def send(self, data: bytes) -> None:
         """Write ``data`` in one write."""
         self._note(f"sent     {showBytes(data)}")
-        self.transport.write(data)
+        self.connection.write(data)
 
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset), as a crashing client would."""
         self._note("aborted the connection")
         self._closedHere = True
-        self.transport.abortConnection()
+        self.connection.abortConnection()
 
     def close(self) -> None:
         """Close the connection normally."""
         if not self.closed:
             self._closedHere = True
-            self.transport.loseConnection()
+            self.connection.loseConnection()
 
     def nextLine(self, timeout: float) -> Deferred[bytes | None]:
         """

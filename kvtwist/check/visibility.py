@@ -11,7 +11,7 @@ random workload.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 from twisted.internet.defer import TimeoutError, ensureDeferred, gatherResults
 
@@ -41,14 +41,14 @@ async def checkVisibility(target: Target) -> CheckResult:
     clients, errors = await connectAll(target, count)
     if errors:
         for client in clients:
-            client.transport.abortConnection()
+            client.connection.abortConnection()
         return failed(GROUP, NAME, f"{len(errors)} of {count} clients could not connect", sorted(set(errors))[:SHOWN])
     problems: list[str] = []
 
     def others(index: int) -> list[int]:
         return [(index + step) % count for step in range(1, min(count, READS_PER_CLIENT + 1))]
 
-    async def phase(what: str, each: Callable[[int, KVClient], Awaitable[None]]) -> None:
+    async def phase(what: str, each: Callable[[int, KVClient], Coroutine[Any, Any, None]]) -> None:
         limit = settings.timeout * 2
         work = gatherResults([ensureDeferred(each(index, client)) for index, client in enumerate(clients)])
         try:
@@ -65,7 +65,7 @@ async def checkVisibility(target: Target) -> CheckResult:
         if reply != "OK":
             problems.append(f"client {index}: {line!r} -> {reply!r} (the key was just deleted)")
 
-    def reader(expected: Callable[[int], str], done: str) -> Callable[[int, KVClient], Awaitable[None]]:
+    def reader(expected: Callable[[int], str], done: str) -> Callable[[int, KVClient], Coroutine[Any, Any, None]]:
         """Each client reads the others' keys and compares with ``expected(other)``."""
 
         async def read(index: int, client: KVClient) -> None:
@@ -100,7 +100,7 @@ async def checkVisibility(target: Target) -> CheckResult:
         problems.insert(0, f"stalled while {e}")
     finally:
         for client in clients:
-            client.transport.abortConnection()
+            client.connection.abortConnection()
     if problems:
         return failed(GROUP, NAME, "a client did not see another client's acknowledged write", problems[:SHOWN])
     return passed(

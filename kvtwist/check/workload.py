@@ -36,6 +36,7 @@ class Request:
     @property
     def line(self) -> bytes:
         if self.verb == PUT:
+            assert self.value is not None, "a put carries a value"
             return b"put %d %d" % (self.key, self.value)
         return b"%s %d" % (self.verb.encode(), self.key)
 
