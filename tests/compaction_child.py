@@ -13,21 +13,23 @@ import json
 import os
 import sys
 
-from kvtwist.storage.compaction import Blocking
-from kvtwist.storage.journaled import JournaledStore
+from kvtwist.storage.compaction import Blocking, compactionSteps
+from kvtwist.storage.interface import Batch
+from kvtwist.storage.journaled import JournaledStore, openDirectory
 
 
 def main(dirpath: str, step: str, expected: str) -> int:
-    journaled = JournaledStore.open(dirpath, compactMinBytes=10**12)
+    journaled = JournaledStore(openDirectory(dirpath))
+    batch = Batch()
     counter = iter(range(10**9))
     current = {"round": 0}
 
     def churn(count: int) -> None:
         for _ in range(count):
             n = next(counter)
-            journaled.put(n, n * 7)
+            journaled.put(n, n * 7, batch)
             if n % 4 == 3:
-                journaled.delete(n - 2)
+                journaled.delete(n - 2, batch)
 
     def crashpoint(name: str) -> None:
         if f"{current['round']}:{name}" == step:
@@ -37,7 +39,7 @@ def main(dirpath: str, step: str, expected: str) -> int:
 
     churn(5000)
     for current["round"] in (1, 2):
-        steps = journaled.compaction(crashpoint, chunk=500)
+        steps = compactionSteps(journaled, crashpoint, chunk=500)
         for item in steps:
             if isinstance(item, Blocking):
                 item.fn()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from serverproc import ServerProcess, start_server
+from serverproc import ServerProcess, removeLogDirs, start_server
 
 
 @pytest.fixture
@@ -16,3 +16,10 @@ def kvserver() -> Iterator[ServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _removeServerLogs() -> Iterator[None]:
+    """Leave no server log directory behind in the system's temporary directory."""
+    yield
+    removeLogDirs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,16 @@ class ServerProcess:
         return self.proc.wait(10)
 
 
+# Every log directory made here, removed at the end of the test session
+# (tests read a server's log after stopping it, so not at stop).
+_logDirs: list[Path] = []
+
+
+def removeLogDirs() -> None:
+    while _logDirs:
+        shutil.rmtree(_logDirs.pop(), ignore_errors=True)
+
+
 def start_server(
     *extra_args: str,
     cwd: str | os.PathLike[str] | None = None,
@@ -74,6 +85,7 @@ def start_server(
 ) -> ServerProcess:
     """Start ``twistd -n kvstore`` with ``extra_args``; port 0 lets the kernel pick a free port."""
     logDir = Path(tempfile.mkdtemp(prefix="kvtwist-server-"))
+    _logDirs.append(logDir)
     logPath = logDir / "server.log"
     args = [twistd(), "-n", "--pidfile=", "kvstore", "--port", port, *extra_args]
     with open(logPath, "wb") as log:

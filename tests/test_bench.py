@@ -9,15 +9,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvtwist.bench import build, loadgen, procfs, servers
+from kvtwist.bench import build, cli, loadgen, plan, procfs, servers
 from kvtwist.bench.loadgen import Load
-from kvtwist.bench.plan import Scenario, Target
-from kvtwist.bench.report import summarize, verdicts
-from kvtwist.bench.runner import Measurement
+from kvtwist.bench.plan import AGAINST_TREE, REGRESSION, Scenario, Target
+from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, summarize, verdicts
+from kvtwist.bench.runner import Measurement, roundOrder
 from kvtwist.bench.stats import median, medianRatio, mergeHistograms, pairedRatios, percentileFromHistogram
 
 needsRedis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -34,7 +35,7 @@ def kvbench(buildDir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cserver(buildDir: Path) -> servers.Server:
+def cserver(buildDir: Path) -> Iterator[servers.Server]:
     server = servers.start("cserver", servers.Options(cserver=build.build("cserver", buildDir)))
     yield server
     server.stop()
@@ -175,29 +176,166 @@ def _m(server: str, round: int, rps: float, cpu: float) -> Measurement:
 
 
 def test_summary_and_verdicts() -> None:
-    plan = [Scenario("s", "title", Load(), targets=(Target("rps", ">=", 1.0), Target("cpu", "<=", 1.0)))]
+    scenarios = [Scenario("s", "title", Load(), targets=(Target("rps", ">=", 1.0), Target("cpu", "<=", 1.0)))]
     measurements = [
         _m("kvtwist", 0, 100, 4), _m("redis", 0, 50, 2),
         _m("kvtwist", 1, 100, 4), _m("redis", 1, 200, 8),
         _m("kvtwist", 2, 90, 3), _m("redis", 2, 100, 1),
     ]
-    rows = summarize(plan, measurements)
+    rows = summarize(scenarios, measurements)
     kv = next(r for r in rows if r.server == "kvtwist")
     assert kv.medians["rps"] == 100
     assert kv.ratios["rps"] == pytest.approx(0.9)  # median of 2.0, 0.5, 0.9
     assert kv.ratios["cpu"] == pytest.approx(2.0)  # median of 2.0, 0.5, 3.0
     assert next(r for r in rows if r.server == "redis").ratios == {}
-    judged = {v.target: v.met for v in verdicts(plan, rows)}
-    assert judged == {"rps >= 1x Redis": False, "cpu <= 1x Redis": False}
+    judged = {v.target: v.outcome for v in verdicts(scenarios, rows)}
+    # Each target was met in one round of three, so the rounds disagree.
+    assert judged == {"rps >= 1x Redis": UNCERTAIN, "cpu <= 1x Redis": UNCERTAIN}
+
+
+def test_a_verdict_is_certain_only_when_every_round_agrees() -> None:
+    target = Target("rps", ">=", 1.0)
+    assert judge(target, [1.2, 1.1, 1.5, 1.01, 1.3]) == (MET, 5)
+    assert judge(target, [0.5, 0.9, 0.99, 0.7, 0.8]) == (NOT_MET, 0)
+    # The median (1.05) meets the target, but two rounds did not.
+    assert judge(target, [1.05, 0.9, 1.2, 0.95, 1.1]) == (UNCERTAIN, 3)
+    assert judge(target, [0.9, 1.1, 0.8]) == (UNCERTAIN, 1)
+    # Agreeing rounds, but too few of them to trust.
+    assert judge(target, [1.5, 1.6]) == (UNCERTAIN, 2)
+    assert judge(Target("cpu", "<=", 1.0), [0.5, 0.6, 0.7]) == (MET, 3)
+
+
+def test_verdicts_say_how_many_rounds_met_the_target() -> None:
+    scenarios = [Scenario("s", "title", Load(), targets=(Target("rps", ">=", 1.0),))]
+    agree = [m for r in range(3) for m in (_m("kvtwist", r, 120, 4), _m("redis", r, 100, 2))]
+    disagree = [_m("kvtwist", 0, 80, 4), _m("redis", 0, 100, 2), _m("kvtwist", 1, 120, 4), _m("redis", 1, 100, 2),
+                _m("kvtwist", 2, 90, 4), _m("redis", 2, 100, 2)]
+    text = formatVerdicts(verdicts(scenarios, summarize(scenarios, agree)))
+    assert text == "- kvtwist, s: rps >= 1x Redis: measured 1.20x, met in all 3 rounds"
+    text = formatVerdicts(verdicts(scenarios, summarize(scenarios, disagree)))
+    assert text == "- kvtwist, s: rps >= 1x Redis: measured 0.90x, uncertain: met in 1 of 3 rounds"
+    text = formatVerdicts(verdicts(scenarios, summarize(scenarios, agree[:2])))
+    assert text == "- kvtwist, s: rps >= 1x Redis: measured 1.20x, uncertain: only 1 round"
+    miss = [m for r in range(5) for m in (_m("kvtwist", r, 50 + r, 4), _m("redis", r, 100, 2))]
+    text = formatVerdicts(verdicts(scenarios, summarize(scenarios, miss)))
+    assert text == "- kvtwist, s: rps >= 1x Redis: measured 0.52x, NOT met in any of 5 rounds"
+
+
+def test_the_quick_plan_judges_no_target() -> None:
+    assert all(not s.targets for s in plan.quickPlan(durable=True, trees=True))
+    assert any(s.targets for s in plan.fullPlan())
+
+
+# Two source trees
+
+
+def test_the_tree_comparison_is_the_one_a_refactor_needs() -> None:
+    scenarios = {s.key: s for s in plan.fullPlan(trees=True) if s.against == AGAINST_TREE}
+    assert sorted(scenarios) == ["tree-d1", "tree-d16"]
+    assert [scenarios[k].load.depth for k in ("tree-d1", "tree-d16")] == [1, 16]
+    for s in scenarios.values():
+        assert (s.load.connections, s.load.reads, s.load.keyspace, s.load.idle) == (50, 80, 100_000, 0)
+        assert s.rounds >= 5 and s.alternate and not s.memory
+        assert s.targets == (REGRESSION,) and REGRESSION.met(0.97) and not REGRESSION.met(0.969)
+        assert {"kvtwist", "kvtwist-baseline"} <= set(s.servers) and not any("redis" in k for k in s.servers)
+    # Without a baseline tree the full plan does not wait for one.
+    assert not any(s.against == AGAINST_TREE for s in plan.fullPlan())
+
+
+def test_alternate_rounds_reverse_the_order() -> None:
+    assert [roundOrder("AB", r, alternate=True) for r in range(4)] == [["A", "B"], ["B", "A"], ["A", "B"], ["B", "A"]]
+    assert [roundOrder("ABC", r, alternate=False) for r in range(2)] == [["A", "B", "C"]] * 2
+
+
+def test_trees_are_compared_with_each_other_not_with_redis() -> None:
+    tree = Scenario("s", "title", Load(), ("kvtwist-baseline", "kvtwist", "redis"), targets=(REGRESSION,),
+                    against=AGAINST_TREE)
+    measurements = [
+        _m("kvtwist-baseline", 0, 100, 10), _m("kvtwist", 0, 98, 11), _m("redis", 0, 300, 3),
+        _m("kvtwist-baseline", 1, 100, 10), _m("kvtwist", 1, 95, 12), _m("redis", 1, 300, 3),
+        _m("kvtwist-baseline", 2, 90, 10), _m("kvtwist", 2, 99, 9), _m("redis", 2, 300, 3),
+    ]
+    rows = {r.server: r for r in summarize([tree], measurements)}
+    assert rows["kvtwist"].against == "kvtwist-baseline"
+    assert rows["kvtwist"].roundRatios["rps"] == pytest.approx([0.98, 0.95, 1.1])
+    assert rows["kvtwist"].ratios["rps"] == pytest.approx(0.98)
+    assert rows["kvtwist"].ratios["cpu"] == pytest.approx(1.1)
+    assert rows["kvtwist-baseline"].ratios == {} and rows["redis"].ratios == {}
+    [verdict] = verdicts([tree], list(rows.values()))
+    assert (verdict.target, verdict.outcome, verdict.roundsMet) == ("rps >= 0.97x kvtwist-baseline", UNCERTAIN, 2)
+
+
+def _copyTree(tree: Path, marker: str) -> Path:
+    """A source tree holding a copy of this kvtwist that prints ``marker`` when imported."""
+    source = servers.installedSource()
+    assert source.dropin is not None
+    shutil.copytree(source.package, tree / "kvtwist", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "twisted" / "plugins").mkdir(parents=True)
+    shutil.copy(source.dropin, tree / "twisted" / "plugins")
+    with open(tree / "kvtwist" / "__init__.py", "a") as f:
+        f.write(f"\nprint({marker!r}, flush=True)\n")
+    return tree
+
+
+def test_the_baseline_kind_runs_the_baseline_tree(tmp_path: Path) -> None:
+    options = servers.Options(baselineTree=_copyTree(tmp_path / "tree", "imported from the baseline tree"))
+    for kind, fromTree in (("kvtwist-baseline", True), ("kvtwist", False)):
+        server = servers.start(kind, options)
+        try:
+            assert _request(server.port, b"put 5 6\n") == b"OK\n"
+            assert _request(server.port, b"get 5\n") == b"6\n"
+            assert ("imported from the baseline tree" in server.log_text()) == fromTree
+        finally:
+            server.stop()
+
+
+def test_a_baseline_tree_must_hold_kvtwist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "kvtwist").mkdir()
+    with pytest.raises(servers.ServerError, match="twisted/plugins/kvtwist_plugin.py"):
+        servers.treeSource(tmp_path)
+    assert cli.main(["--baseline-tree", str(tmp_path), "--only", "tree-d1"]) == 2
+    assert "not a kvtwist source tree" in capsys.readouterr().err
+    # The comparison's scenarios cannot run without a tree to compare with.
+    assert cli.main(["--only", "tree-d1,c50"]) == 2
+    assert "--baseline-tree" in capsys.readouterr().err
+
+
+# The commit before kvtwist.protocol moved to kvtwist.server.protocol.
+_OLD_LAYOUT = "27ded57"
+
+
+def _oldLayoutTree(tmp_path: Path) -> Path:
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "old"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", _OLD_LAYOUT, "kvtwist", "twisted"],
+                             capture_output=True) if shutil.which("git") else None
+    if archive is None or archive.returncode != 0:
+        pytest.skip(f"commit {_OLD_LAYOUT} is not in this checkout's history")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def test_a_baseline_tree_in_the_old_layout_serves(tmp_path: Path) -> None:
+    tree = _oldLayoutTree(tmp_path)
+    assert (tree / "kvtwist" / "protocol.py").exists()
+    server = servers.start("kvtwist-baseline", servers.Options(baselineTree=tree))
+    try:
+        assert _request(server.port, b"put 1 2\n") == b"OK\n"
+        assert _request(server.port, b"get 1\n") == b"2\n"
+        # The old tree's factory logs under its old module name.
+        assert "[kvtwist.protocol.KVFactory" in server.log_text()
+    finally:
+        server.stop()
 
 
 def test_the_floor_is_compared_but_not_judged() -> None:
-    plan = [Scenario("s", "title", Load(), ("twisted-floor", "redis-always"), targets=(Target("rps", ">=", 1.0),))]
+    scenarios = [Scenario("s", "title", Load(), ("twisted-floor", "redis-always"), targets=(Target("rps", ">=", 1.0),))]
     measurements = [_m("twisted-floor", 0, 80, 4), _m("redis-always", 0, 100, 2)]
-    rows = summarize(plan, measurements)
+    rows = summarize(scenarios, measurements)
     floor = next(r for r in rows if r.server == "twisted-floor")
     assert floor.ratios["rps"] == pytest.approx(0.8)
-    assert verdicts(plan, rows) == []
+    assert verdicts(scenarios, rows) == []
 
 
 def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
@@ -207,7 +345,9 @@ def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
             s.sendall(b"get 1\nput 2 3\nanything at all\nnot yet a line")
             reply = b""
             while reply.count(b"\n") < 3:
-                reply += s.recv(100)
+                chunk = s.recv(100)
+                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.log_text()}"
+                reply += chunk
             s.sendall(b"\n")
             reply += s.recv(100)
         assert reply == b"OK\n" * 4
@@ -235,9 +375,12 @@ def test_quick_run_end_to_end(tmp_path: Path, buildDir: Path) -> None:
     assert ("c50", "kvtwist") in ran and ("cal-d1", "cserver") in ran
     assert all(m["errors"] == 0 and m["rps"] > 0 for m in results["measurements"])
     assert "| kvtwist" in proc.stdout
+    # Two connections for a fraction of a second say nothing about the targets.
+    assert "not judged" in proc.stdout and " met" not in proc.stdout
+    assert results["targets"] == []
     if shutil.which("redis-server"):
         assert ("c50", "redis") in ran
-        assert "Targets:" in proc.stdout
+        assert "x Redis req/s" in proc.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -245,3 +388,28 @@ def test_quick_run_end_to_end(tmp_path: Path, buildDir: Path) -> None:
     else:
         for name in ("throughput.png", "latency.png"):
             assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_quick_comparison_of_two_trees_end_to_end(tmp_path: Path, buildDir: Path) -> None:
+    tree = _copyTree(tmp_path / "tree", "baseline")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvtwist.bench", "--quick", "--baseline-tree", str(tree), "--only", "tree-d1,tree-d16",
+         "--no-plots", "--out", str(out), "--build-dir", str(buildDir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [s["key"] for s in results["plan"]] == ["tree-d1", "tree-d16"]
+    assert set(results["trees"]) == {"current", "baseline"}
+    for key in ("tree-d1", "tree-d16"):
+        rounds = [(m["round"], m["server"]) for m in results["measurements"] if m["scenario"] == key]
+        # Interleaved, and neither tree always goes first.
+        assert rounds == [(0, "kvtwist-baseline"), (0, "kvtwist"), (1, "kvtwist"), (1, "kvtwist-baseline")]
+        [row] = [r for r in results["summary"] if r["scenario"] == key and r["server"] == "kvtwist"]
+        assert row["against"] == "kvtwist-baseline" and len(row["roundRatios"]["rps"]) == 2
+        assert 0 < row["ratios"]["rps"] < 100 and 0 < row["ratios"]["cpu"] < 100
+    assert all(m["errors"] == 0 and m["rps"] > 0 for m in results["measurements"])
+    assert "x baseline req/s" in proc.stdout and "x Redis" not in proc.stdout
+    assert "not judged" in proc.stdout and " met" not in proc.stdout
+    assert (out / "results.md").read_text().strip() == proc.stdout.strip()

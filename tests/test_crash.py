@@ -131,7 +131,7 @@ def test_a_crash_at_each_step_of_compaction_recovers(tmp_path, step, round) -> N
     )
     assert result.returncode == 3, f"the child did not reach {step!r}: {result.stderr}"
     recovered = recover(str(data))
-    assert sorted(recovered.data.items()) == [tuple(pair) for pair in json.loads(expected.read_text())]
+    assert sorted(recovered.map.items()) == [tuple(pair) for pair in json.loads(expected.read_text())]
     assert not recovered.warnings
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.storage.durable import DurableService
-from kvtwist.storage.journaled import JournaledStore
-from kvtwist.server.protocol import KVFactory
+from kvtwist.server.factory import KVFactory
+from kvtwist.storage.durable import DurableService, DurableStore
+from kvtwist.storage.interface import Batch
+from kvtwist.storage.journaled import JournaledStore, openDirectory
 from kvtwist.storage.recovery import recover
 
 
@@ -46,8 +49,12 @@ class HeldSyncs:
 
     def finish_one(self, index: int = 0) -> None:
         fn, d = self.held.pop(index)
-        fn()
-        d.callback(None)
+        try:
+            fn()
+        except Exception:
+            d.errback()
+        else:
+            d.callback(None)
 
 
 def run_compaction_until(clock: Clock, syncs: HeldSyncs, done, keep: int = 0) -> None:
@@ -67,11 +74,42 @@ def run_compaction_until(clock: Clock, syncs: HeldSyncs, done, keep: int = 0) ->
 def serve(tmp_path, fsync: str, runBlocking=defer.maybeDeferred, **kwargs) -> tuple[DurableService, KVFactory, Clock]:
     """A started DurableService on a Clock; by default fsyncs run at once, in line."""
     clock = Clock()
-    journaled = JournaledStore.open(str(tmp_path), **kwargs)
-    durable = DurableService(journaled, fsync, clock, runBlocking=runBlocking)
+    store = DurableStore(openDirectory(str(tmp_path)), fsync, clock, runBlocking=runBlocking, **kwargs)
+    durable = DurableService(store)
     durable.startService()
-    factory = KVFactory(journaled, whenDurable=durable.whenDurable)
-    return durable, factory, clock
+    return durable, KVFactory(store), clock
+
+
+def recoveredState(path) -> dict[int, int]:
+    """What a restart would find in the data directory."""
+    return dict(recover(str(path)).map.items())
+
+
+def openJournaled(path) -> JournaledStore:
+    return JournaledStore(openDirectory(str(path)))
+
+
+class Recorder:
+    """A connection as the store sees it (an ``IReplyTarget``): what it was sent, and whether it was dropped."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.abandoned = False
+
+    def sendReplies(self, batch: Batch) -> None:
+        self.sent.append(batch.replies)
+
+    def abandonReplies(self) -> None:
+        self.abandoned = True
+
+
+def deliverAfter(store, target, replies: bytes, *changes: tuple[int, int]) -> None:
+    """Put each (key, value) of ``changes`` and deliver ``replies`` as the batch that depends on them."""
+    batch = Batch()
+    for key, value in changes:
+        store.put(key, value, batch)
+    batch.replies = replies
+    store.deliver(target, batch)
 
 
 def connect(factory: KVFactory) -> tuple[object, StringTransport]:
@@ -92,21 +130,38 @@ def stop(durable: DurableService, clock: Clock) -> None:
 # Journal first, then the store
 
 def test_changes_are_journaled_and_recovered(tmp_path) -> None:
-    journaled = JournaledStore.open(str(tmp_path))
-    assert journaled.put(1, 10) and journaled.put(2, 20) and journaled.delete(1)
-    assert not journaled.put(2, 99) and not journaled.delete(7)
+    journaled = openJournaled(tmp_path)
+    assert journaled.put(1, 10, Batch()) and journaled.put(2, 20, Batch()) and journaled.delete(1, Batch())
+    assert not journaled.put(2, 99, Batch()) and not journaled.delete(7, Batch())
     size = journaled.writer.size
     journaled.close()
-    assert recover(str(tmp_path)).data == {2: 20}
+    assert recoveredState(tmp_path) == {2: 20}
     assert size == os.path.getsize(tmp_path / "journal-00000001.kvj")
 
 
+@given(st.lists(st.tuples(st.booleans(), st.integers(-5, 5), st.integers(-(2**63), 2**63 - 1)), max_size=60))
+@settings(max_examples=40, deadline=None)
+def test_reopening_gives_back_what_was_acknowledged(ops) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        journaled, model = openJournaled(directory), {}
+        for isPut, key, value in ops:
+            if isPut:
+                assert journaled.put(key, value, Batch()) == (key not in model)
+                model.setdefault(key, value)
+            else:
+                assert journaled.delete(key, Batch()) == (model.pop(key, None) is not None)
+        journaled.close()
+        reopened = openJournaled(directory)
+        assert dict(reopened.items()) == model
+        reopened.close()
+
+
 def test_refused_changes_are_not_journaled(tmp_path) -> None:
-    journaled = JournaledStore.open(str(tmp_path))
-    journaled.put(1, 1)
+    journaled = openJournaled(tmp_path)
+    journaled.put(1, 1, Batch())
     size = journaled.writer.size
-    journaled.put(1, 2)
-    journaled.delete(5)
+    journaled.put(1, 2, Batch())
+    journaled.delete(5, Batch())
     assert journaled.writer.size == size
     journaled.close()
 
@@ -114,11 +169,11 @@ def test_refused_changes_are_not_journaled(tmp_path) -> None:
 def test_a_second_open_of_the_same_directory_is_refused(tmp_path) -> None:
     from kvtwist.storage.datadir import DataDirLocked
 
-    first = JournaledStore.open(str(tmp_path))
+    first = openJournaled(tmp_path)
     with pytest.raises(DataDirLocked, match=f"{tmp_path} is in use .*pid {os.getpid()}"):
-        JournaledStore.open(str(tmp_path))
+        openJournaled(tmp_path)
     first.close()
-    JournaledStore.open(str(tmp_path)).close()
+    openJournaled(tmp_path).close()
 
 
 # Read-only after a write error
@@ -136,9 +191,9 @@ def test_a_failed_append_turns_the_store_read_only(tmp_path, monkeypatch, code) 
     reason = f"journal write failed: {os.strerror(code)}"
     refusal = f"Error: store is read-only ({reason})\n".encode()
     assert transport.value() == b"OK\n" + refusal * 2 + b"1\nKey not found\n" + refusal
-    assert durable.journaled.readOnlyReason == reason
+    assert durable.store.readOnlyReason == reason
     stop(durable, clock)
-    assert recover(str(tmp_path)).data == {1: 1}
+    assert recoveredState(tmp_path) == {1: 1}
 
 
 def test_read_only_is_logged_loudly(tmp_path, monkeypatch) -> None:
@@ -150,7 +205,7 @@ def test_read_only_is_logged_loudly(tmp_path, monkeypatch) -> None:
         durable, factory, clock = serve(tmp_path, "no")
         monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
         with pytest.raises(Exception, match="read-only"):
-            durable.journaled.put(1, 1)
+            durable.store.put(1, 1, Batch())
         monkeypatch.undo()
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -186,7 +241,7 @@ def test_always_holds_every_reply_until_one_fsync(tmp_path, monkeypatch) -> None
 
 def test_always_sends_at_once_what_depends_on_no_unsynced_write(tmp_path, monkeypatch) -> None:
     durable, factory, clock = serve(tmp_path, "always")
-    durable.journaled.put(7, 70)
+    durable.store.put(7, 70, Batch())
     clock.advance(0)
     syncs = SyncCounter(monkeypatch)
     writer, writerTransport = connect(factory)
@@ -223,16 +278,15 @@ def test_a_connection_s_replies_never_overtake_each_other(tmp_path) -> None:
 
 def test_always_keeps_reply_batches_in_order(tmp_path) -> None:
     durable, factory, clock = serve(tmp_path, "always")
-    order: list[str] = []
-    factory.whenDurable(order.append, "clean")
-    durable.journaled.put(1, 1)
-    factory.whenDurable(order.append, "first")
-    factory.whenDurable(order.append, "second")
+    store, target = durable.store, Recorder()
+    deliverAfter(store, target, b"clean")
+    deliverAfter(store, target, b"first", (1, 1))
+    deliverAfter(store, target, b"second")
+    assert target.sent == [b"clean"]
     clock.advance(0)
-    durable.journaled.put(2, 2)
-    factory.whenDurable(order.append, "third")
+    deliverAfter(store, target, b"third", (2, 2))
     clock.advance(0)
-    assert order == ["clean", "first", "second", "third"]
+    assert target.sent == [b"clean", b"first", b"second", b"third"]
     stop(durable, clock)
 
 
@@ -298,24 +352,27 @@ def test_stop_syncs_releases_waiting_replies_and_the_lock(tmp_path, monkeypatch)
     clock.advance(0)
     clock.advance(0)
     assert fired
-    JournaledStore.open(str(tmp_path)).close()
+    openJournaled(tmp_path).close()
 
 
 # Compaction
 
-def fill(journaled: JournaledStore, start: int, stop: int) -> None:
+def fill(store: DurableStore, start: int, stop: int) -> None:
+    """Changes as one connection's batch would make them, delivered as the protocol does."""
+    batch = Batch()
     for key in range(start, stop):
-        journaled.put(key, key)
+        store.put(key, key, batch)
         if key % 3 == 0:
-            journaled.delete(key - 1)
+            store.delete(key - 1, batch)
+    store.deliver(Recorder(), batch)
 
 
 def test_compaction_starts_by_itself_and_keeps_every_change(tmp_path) -> None:
     durable, factory, clock = serve(tmp_path, "everysec", compactMinBytes=4000)
-    journaled = durable.journaled
+    journaled = durable.store
     fill(journaled, 0, 150)
-    assert durable._compaction is not None, "the journal outgrew the threshold"
-    while durable._compaction is not None:
+    assert durable.store.compactor.running, "the journal outgrew the threshold"
+    while durable.store.compactor.running:
         fill(journaled, 1000 + len(journaled), 1003 + len(journaled))
         clock.advance(0)
     expected = dict(journaled.items())
@@ -323,15 +380,15 @@ def test_compaction_starts_by_itself_and_keeps_every_change(tmp_path) -> None:
     names = sorted(os.listdir(tmp_path))
     assert names == ["LOCK", "journal-00000002.kvj", "snapshot-00000002.kvs"]
     stop(durable, clock)
-    assert recover(str(tmp_path)).data == expected
+    assert recoveredState(tmp_path) == expected
 
 
 def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_path) -> None:
     syncs = HeldSyncs()
     durable, factory, clock = serve(tmp_path, "everysec", syncs)
-    journaled = durable.journaled
+    journaled = durable.store
     fill(journaled, 0, 100)
-    durable.compact()
+    durable.store.compactor.start()
     temporary = tmp_path / "snapshot-00000002.kvs.tmp"
     run_compaction_until(clock, syncs, lambda: temporary.exists() and syncs.held)
     fill(journaled, 200, 210)
@@ -345,7 +402,7 @@ def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_
     clock.advance(0)
     assert fired and not journaled.lock.held
     assert sorted(os.listdir(tmp_path)) == ["LOCK", "journal-00000001.kvj", "journal-00000002.kvj"]
-    assert recover(str(tmp_path)).data == expected
+    assert recoveredState(tmp_path) == expected
 
 
 def test_always_pipelines_fsyncs_in_the_background(tmp_path) -> None:
@@ -373,17 +430,19 @@ def test_compaction_switches_journals_under_a_running_fsync(tmp_path) -> None:
     """The old journal is closed only once the fsync running on it returns."""
     syncs = HeldSyncs()
     durable, factory, clock = serve(tmp_path, "always", syncs)
-    journaled = durable.journaled
-    journaled.put(1, 1)
+    journaled = durable.store
+    target = Recorder()
+    deliverAfter(journaled, target, b"OK\n", (1, 1))
     clock.advance(0)
     assert len(syncs.held) == 1
-    durable.compact()
+    durable.store.compactor.start()
     run_compaction_until(clock, syncs, lambda: journaled.generation == 2, keep=1)
     syncs.finish_one()
     assert journaled.readOnlyReason is None and not journaled.unsynced
-    run_compaction_until(clock, syncs, lambda: durable._compaction is None)
+    assert target.sent == [b"OK\n"]
+    run_compaction_until(clock, syncs, lambda: not durable.store.compactor.running)
     stop(durable, clock)
-    assert recover(str(tmp_path)).data == {1: 1}
+    assert recoveredState(tmp_path) == {1: 1}
 
 
 def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> None:
@@ -398,24 +457,117 @@ def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> 
     clock.advance(0)
     assert len(syncs.held) == 1
     second.dataReceived(b"put 2 2\n")
-    run_compaction_until(clock, syncs, lambda: durable.journaled.generation == 2, keep=1)
-    assert not durable.journaled.unsynced
+    run_compaction_until(clock, syncs, lambda: durable.store.generation == 2, keep=1)
+    assert not durable.store.unsynced
     syncs.finish_one()
     assert firstTransport.value() == secondTransport.value() == b"OK\n"
-    run_compaction_until(clock, syncs, lambda: durable._compaction is None)
+    run_compaction_until(clock, syncs, lambda: not durable.store.compactor.running)
     stop(durable, clock)
-    assert recover(str(tmp_path)).data == {1: 1, 2: 2}
+    assert recoveredState(tmp_path) == {1: 1, 2: 2}
 
 
 def test_what_was_written_before_a_failed_append_is_synced_at_stop(tmp_path, monkeypatch) -> None:
     durable, factory, clock = serve(tmp_path, "no")
-    durable.journaled.put(1, 1)
+    durable.store.put(1, 1, Batch())
     syncs = SyncCounter(monkeypatch)
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(Exception, match="read-only"):
-        durable.journaled.put(2, 2)
+        durable.store.put(2, 2, Batch())
     monkeypatch.setattr(os, "write", real_write)
     stop(durable, clock)
     assert syncs.calls == 1
-    assert recover(str(tmp_path)).data == {1: 1}
+    assert recoveredState(tmp_path) == {1: 1}
+
+
+# One owner of "the journal is broken": once an fsync of a journal failed,
+# no later fsync of it counts, whoever makes it (Linux reports the error once).
+
+class FailingSyncs(SyncCounter):
+    """Makes the ``n``-th fsync from now fail with EIO, and only that one."""
+
+    def __init__(self, monkeypatch, n: int) -> None:
+        super().__init__(monkeypatch)
+        self.failAt = self.calls + n
+        real = getattr(os, "fdatasync", os.fsync)
+
+        def failOnce(fd: int) -> None:
+            self.calls += 1
+            if self.calls == self.failAt:
+                raise OSError(errno.EIO, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", failOnce)
+
+
+def failTheCompactionFsync(durable: DurableService, clock: Clock, syncs: HeldSyncs, monkeypatch) -> None:
+    """Run a compaction whose fsync of the current journal fails, keeping the first held fsync held."""
+    durable.store.compactor.start()
+    clock.advance(0)
+    syncs.finish_one(1)  # creates the new journal (its fsyncs succeed)
+    clock.advance(0)
+    FailingSyncs(monkeypatch, 1)
+    syncs.finish_one(1)  # the compaction's fsync of the current journal: EIO
+    clock.advance(0)
+    assert not durable.store.compactor.running
+    assert durable.store.readOnlyReason == "compaction failed: journal fsync failed: Input/output error"
+
+
+def retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, fsync: str, policyFsyncAfter: float):
+    """
+    A put, then the policy's fsync of it starts (after ``policyFsyncAfter``
+    seconds) and is held; meanwhile the compaction's fsync of the same
+    journal fails; then the policy's fsync runs, and the kernel says success.
+    """
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, fsync, syncs)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    clock.advance(policyFsyncAfter)
+    assert len(syncs.held) == 1, "the policy's fsync is under way"
+    failTheCompactionFsync(durable, clock, syncs, monkeypatch)
+    monkeypatch.undo()  # fsyncs succeed again from here on
+    syncs.finish_one()  # the policy's fsync of the same file
+    return durable, factory, clock, syncs, transport
+
+
+def test_always_never_acknowledges_a_write_that_only_a_retried_fsync_covered(tmp_path, monkeypatch) -> None:
+    """That success proves nothing: the put must not get OK."""
+    durable, factory, clock, syncs, transport = retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, "always", 0)
+    assert b"OK" not in transport.value()
+    assert transport.disconnected, "the connection is dropped without its reply"
+    assert durable.store.durable == 0
+    proto2, transport2 = connect(factory)
+    proto2.dataReceived(b"put 2 2\n")
+    assert transport2.value() == b"Error: store is read-only (compaction failed: journal fsync failed: Input/output error)\n"
+    proto2.dataReceived(b"get 1\n")
+    assert transport2.value().count(b"\n") == 1 and transport2.disconnected, "nor is a read of the unsynced value"
+
+
+def test_everysec_does_not_count_a_retried_fsync_as_durable(tmp_path, monkeypatch) -> None:
+    durable, factory, clock, syncs, transport = retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, "everysec", 1)
+    assert durable.store.durable == 0 and durable.store.unsynced
+    clock.advance(1)
+    assert not syncs.held, "no fsync of a broken journal is tried on the timer"
+
+
+def test_close_does_not_count_a_retried_fsync_as_durable(tmp_path, monkeypatch) -> None:
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "no", syncs)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    syncs.held.append((lambda: None, defer.Deferred()))  # keeps the compaction's fsyncs at index 1
+    failTheCompactionFsync(durable, clock, syncs, monkeypatch)
+    monkeypatch.undo()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        stop(durable, clock)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert durable.store.durable == 0
+    assert any(
+        e["log_level"] == LogLevel.critical and "final fsync" in e["log_format"] for e in events
+    ), "the operator is told that the last writes may not be on disk"

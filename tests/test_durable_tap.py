@@ -8,9 +8,10 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.usage import UsageError
 
 from kvtwist.storage.datadir import DirectoryLock
-from kvtwist.storage.durable import Always, DurableService, EverySecond, NoSync
-from kvtwist.storage.journaled import JournaledStore
-from kvtwist.tap import KVService, Options, makeService
+from kvtwist.server.listening import KVService
+from kvtwist.storage.durable import DurableService
+from kvtwist.storage.fsync import Always, EverySecond, NoSync
+from kvtwist.tap import Options, makeService
 
 
 def parse(*args: str) -> Options:
@@ -35,11 +36,9 @@ def test_data_builds_a_durable_store_behind_the_listener(tmp_path, fsync, policy
     top = makeService(parse("--data", str(tmp_path), "--fsync", fsync), MemoryReactor())
     durable, listening = list(IServiceCollection(top))
     assert isinstance(durable, DurableService) and isinstance(listening, KVService)
-    assert isinstance(durable.policy, policy)
-    factory = listening.factory
-    assert isinstance(factory.store, JournaledStore)
-    assert factory.whenDurable == durable.whenDurable
-    durable.journaled.close()
+    assert isinstance(durable.store.policy, policy)
+    assert listening.factory.store is durable.store
+    durable.store.close()
 
 
 def test_a_locked_directory_is_one_clear_line(tmp_path) -> None:

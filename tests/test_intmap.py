@@ -31,8 +31,9 @@ CROWDED = st.sampled_from(_crowdedKeys(60))
 # Keys near 0 and near the sentinel, so that runs, wrap-around and the
 # special key are all exercised.
 KEYS = st.one_of(st.integers(-40, 40), st.sampled_from([EMPTY, -(2**63), 2**63 - 1]), INT64)
-OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete"]), KEYS, INT64), max_size=400)
-CROWDED_OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete"]), CROWDED | KEYS, INT64), max_size=400)
+VERBS = st.sampled_from(["put", "get", "delete", "set", "pop"])
+OPS = st.lists(st.tuples(VERBS, KEYS, INT64), max_size=400)
+CROWDED_OPS = st.lists(st.tuples(VERBS, CROWDED | KEYS, INT64), max_size=400)
 
 
 def _check(m: IntMap, ops: list[tuple[str, int, int]], start: dict[int, int] | None = None) -> None:
@@ -44,6 +45,11 @@ def _check(m: IntMap, ops: list[tuple[str, int, int]], start: dict[int, int] | N
             model.setdefault(key, value)
         elif op == "get":
             assert m.get(key) == model.get(key)
+        elif op == "set":
+            m[key] = value
+            model[key] = value
+        elif op == "pop":
+            assert m.pop(key) == model.pop(key, None)
         else:
             assert m.delete(key) == (model.pop(key, None) is not None)
         assert len(m) == len(model)
@@ -94,6 +100,18 @@ def test_out_of_range_value_changes_nothing() -> None:
     assert m.get(1) is None
 
 
+@pytest.mark.parametrize("key", [1, EMPTY])
+def test_an_out_of_range_blind_write_changes_nothing(key: int) -> None:
+    m = IntMap()
+    with pytest.raises(OverflowError):
+        m[key] = 2**63
+    assert key not in m and len(m) == 0
+    m[key] = 5
+    with pytest.raises(OverflowError):
+        m[key] = -(2**63) - 1
+    assert m.get(key) == 5 and len(m) == 1
+
+
 @given(st.lists(KEYS, max_size=200))
 def test_key_parts_list_every_key_once(keys: list[int]) -> None:
     m = IntMap(salt=SALT)
@@ -103,28 +121,12 @@ def test_key_parts_list_every_key_once(keys: list[int]) -> None:
 
 
 @given(st.dictionaries(KEYS, KEYS, max_size=300), OPS)
-def test_bulk_load_then_any_operations_match_a_dict(data: dict[int, int], ops: list[tuple[str, int, int]]) -> None:
+def test_a_bulk_write_then_any_operations_match_a_dict(data: dict[int, int], ops: list[tuple[str, int, int]]) -> None:
     m = IntMap()
-    m.load(data.items(), len(data))
+    m.reserve(len(data))
+    m.update(data.items())
     assert len(m) == len(data) and dict(m.items()) == data
     _check(m, ops, data)
-
-
-def test_bulk_load_sizes_shards_so_none_grows() -> None:
-    m = IntMap(salt=1)
-    m.load(((k, k) for k in range(1, 50_001)), 50_000)
-    assert len(m) == 50_000
-    # Room was made for the count up front: every shard still has the size
-    # chosen for it (a grown shard would be twice as big), none over-full.
-    assert len({shard.mask for shard in m._shards}) == 1
-    assert all(shard.size <= shard.limit for shard in m._shards)
-
-
-def test_bulk_load_needs_an_empty_map() -> None:
-    m = IntMap()
-    m.put(5, 5)
-    with pytest.raises(ValueError):
-        m.load([(6, 6)], 1)
 
 
 @given(st.sets(KEYS, max_size=200), st.sets(KEYS, max_size=50))
@@ -144,3 +146,40 @@ def test_key_parts_taken_while_the_map_changes(initial: set[int], added: set[int
     stayed = [k for k in seen if k in initial]
     assert sorted(stayed) == sorted(initial)
     assert len(seen) == len(set(seen))
+
+
+def _slots(m: IntMap) -> int:
+    return sum(len(shard.keys) for shard in m._shards)
+
+
+def test_reserve_makes_room_so_that_no_shard_grows() -> None:
+    m = IntMap(salt=3)
+    m.reserve(60_000)
+    shards = list(m._shards)
+    for k in range(1, 60_001):
+        m[k] = -k
+    assert all(now is before for now, before in zip(m._shards, shards)), "a shard grew"
+    assert len(m) == 60_000 and m.get(777) == -777
+
+
+def test_reserve_takes_no_more_room_than_growing_one_key_at_a_time() -> None:
+    """About 260 keys a shard: enough to fill it past half, not enough to need twice the slots."""
+    count = 260 * 256
+    grown = IntMap(salt=3)
+    for k in range(1, count + 1):
+        grown.put(k, k)
+    reserved = IntMap(salt=3)
+    reserved.reserve(count)
+    reserved.update((k, k) for k in range(1, count + 1))
+    assert _slots(reserved) <= _slots(grown)
+
+
+@given(st.dictionaries(KEYS, INT64, max_size=200), st.integers(min_value=0, max_value=5000))
+def test_reserve_on_a_filled_map_keeps_every_entry(data: dict[int, int], count: int) -> None:
+    m = IntMap(salt=SALT)
+    for k, v in data.items():
+        m[k] = v
+    m.reserve(count)
+    assert dict(m.items()) == data and len(m) == len(data)
+    for k, v in data.items():
+        assert m.get(k) == v

@@ -9,7 +9,10 @@ from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.server.protocol import KVFactory, KVProtocol, parseInt64
+from kvtwist.server.factory import KVFactory
+from kvtwist.server.protocol import KVProtocol, parseInt64
+from kvtwist.storage.interface import Batch, IReplyTarget
+from kvtwist.storage.memory import MemoryStore
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -25,7 +28,7 @@ class CountingTransport(StringTransport):
 
 
 def connect(factory: KVFactory | None = None) -> tuple[KVProtocol, CountingTransport]:
-    factory = factory or KVFactory()
+    factory = factory or KVFactory(MemoryStore())
     proto = factory.buildProtocol(None)
     transport = CountingTransport()
     proto.makeConnection(transport)
@@ -83,8 +86,8 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("request_", BAD_REQUESTS)
 def test_bad_input(request_: bytes) -> None:
-    factory = KVFactory()
-    factory.store.put(1, 5)
+    factory = KVFactory(MemoryStore())
+    factory.store.put(1, 5, Batch())
     proto, transport = connect(factory)
     proto.dataReceived(request_ + b"\nget 1\n")
     error, after = transport.value().split(b"\n")[:2]
@@ -111,15 +114,15 @@ def test_bye_closes_connection() -> None:
     proto, transport = connect()
     proto.dataReceived(b"Bye\nput 1 2\n")
     assert transport.disconnecting
-    assert proto.factory.store.get(1) is None
+    assert proto.factory.store.get(1, Batch()) is None
     proto.dataReceived(b"put 3 4\n")
     assert transport.value() == b"Goodbye\n"
-    assert proto.factory.store.get(3) is None
+    assert proto.factory.store.get(3, Batch()) is None
 
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_at_the_limit_is_served(limit: int) -> None:
-    factory = KVFactory(maxRequest=limit)
+    factory = KVFactory(MemoryStore(), maxRequest=limit)
     request = b"get " + b"0" * (limit - 5) + b"1"
     assert len(request) == limit
     assert run(request + b"\r\n", factory) == b"Key not found\n"
@@ -127,16 +130,16 @@ def test_request_at_the_limit_is_served(limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_over_the_limit_closes(limit: int) -> None:
-    factory = KVFactory(maxRequest=limit)
+    factory = KVFactory(MemoryStore(), maxRequest=limit)
     proto, transport = connect(factory)
     proto.dataReceived(b"put 1 2\nget " + b"0" * (limit - 3) + b"1\nput 3 4\n")
     assert transport.value() == b"OK\nError: request too long\n"
     assert transport.disconnecting
-    assert factory.store.get(3) is None
+    assert factory.store.get(3, Batch()) is None
 
 
 def test_unfinished_request_over_the_limit_closes_at_once() -> None:
-    factory = KVFactory(maxRequest=100)
+    factory = KVFactory(MemoryStore(), maxRequest=100)
     proto, transport = connect(factory)
     proto.dataReceived(b"get 1\n" + b"9" * 60)
     assert transport.value() == b"Key not found\n"
@@ -146,7 +149,7 @@ def test_unfinished_request_over_the_limit_closes_at_once() -> None:
 
 
 def test_long_request_does_not_disturb_other_clients() -> None:
-    factory = KVFactory(maxRequest=64)
+    factory = KVFactory(MemoryStore(), maxRequest=64)
     noisy, noisyTransport = connect(factory)
     quiet, quietTransport = connect(factory)
     quiet.dataReceived(b"put 1 2\n")
@@ -209,7 +212,7 @@ def test_half_close_with_nothing_pending_closes() -> None:
 
 def test_idle_timeout() -> None:
     clock = Clock()
-    factory = KVFactory(idleTimeout=5)
+    factory = KVFactory(MemoryStore(), idleTimeout=5)
     proto = factory.buildProtocol(None)
     proto.callLater = clock.callLater  # type: ignore[method-assign]
     transport = StringTransport()
@@ -225,7 +228,7 @@ def test_idle_timeout() -> None:
 
 def test_no_idle_timeout_by_default() -> None:
     clock = Clock()
-    proto = KVFactory().buildProtocol(None)
+    proto = KVFactory(MemoryStore()).buildProtocol(None)
     proto.callLater = clock.callLater  # type: ignore[method-assign]
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -235,7 +238,7 @@ def test_no_idle_timeout_by_default() -> None:
 
 
 def test_too_many_connections() -> None:
-    factory = KVFactory(maxConnections=2)
+    factory = KVFactory(MemoryStore(), maxConnections=2)
     first, _ = connect(factory)
     connect(factory)
     refused = factory.buildProtocol(None)
@@ -259,30 +262,30 @@ def test_stops_reading_while_client_does_not_read_replies() -> None:
     assert transport.producerState == "producing"
 
 
-class HeldFactory(KVFactory):
-    """Holds every reply back until released, as a durable store does until fsync."""
+class HeldStore(MemoryStore):
+    """Holds every batch of replies back until released, as a durable store does until fsync."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.held: list[tuple] = []
+        self.held: list[tuple[IReplyTarget, Batch]] = []
 
-    def whenDurable(self, f, *args) -> None:  # type: ignore[no-untyped-def]
-        self.held.append((f, args))
+    def deliver(self, target: IReplyTarget, batch: Batch) -> None:
+        self.held.append((target, batch))
 
     def release(self) -> None:
         held, self.held = self.held, []
-        for f, args in held:
-            f(*args)
+        for target, batch in held:
+            target.sendReplies(batch)
 
 
-def test_replies_and_close_wait_for_durability() -> None:
-    factory = HeldFactory()
-    proto, transport = connect(factory)
+def test_replies_and_close_wait_for_the_store() -> None:
+    store = HeldStore()
+    proto, transport = connect(KVFactory(store))
     proto.dataReceived(b"put 1 2\n")
     proto.dataReceived(b"get 1\nBye\n")
     assert transport.value() == b""
     assert not transport.disconnecting
-    factory.release()
+    store.release()
     assert transport.value() == b"OK\n2\nGoodbye\n"
     assert transport.disconnecting
 

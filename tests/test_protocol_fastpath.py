@@ -18,7 +18,9 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor
 
-from kvtwist.server.protocol import READ_SIZE, KVFactory, KVProtocol
+from kvtwist.server.factory import KVFactory
+from kvtwist.server.protocol import READ_SIZE, KVProtocol
+from kvtwist.storage.memory import MemoryStore
 
 
 class Pair:
@@ -31,7 +33,7 @@ class Pair:
             self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
         serverSock.setblocking(False)
         self.reactor = MemoryReactor()
-        self.protocol: KVProtocol = KVFactory().buildProtocol(addr)  # type: ignore[assignment]
+        self.protocol: KVProtocol = KVFactory(MemoryStore()).buildProtocol(addr)  # type: ignore[assignment]
         self.transport = tcp.Server(serverSock, self.protocol, addr, None, 1, self.reactor)  # type: ignore[arg-type]
         self.protocol.makeConnection(self.transport)
 
@@ -113,7 +115,7 @@ def test_reads_are_sized_for_requests_not_bulk_data(pair: Pair) -> None:
 def test_other_transports_take_the_ordinary_path() -> None:
     from twisted.internet.testing import StringTransport
 
-    protocol = KVFactory().buildProtocol(None)
+    protocol = KVFactory(MemoryStore()).buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"get 1\n")

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
 import pytest
+import twisted.test
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python.usage import UsageError
+from twisted.trial.unittest import TestCase
 
-from kvtwist.server.protocol import KVFactory
-from kvtwist.tap import KVService, Options, makeService
+from kvtwist.server.arguments import LISTEN_BACKLOG, ListenAddress, withServerDefaults
+from kvtwist.server.factory import KVFactory
+from kvtwist.server.listening import KVService, ListeningPort
+from kvtwist.tap import Options, makeService
+
+# A certificate and key that ship with Twisted, for ssl: descriptions.
+SERVER_PEM = Path(twisted.test.__file__).with_name("server.pem")
 
 
 def parse(*args: str) -> Options:
@@ -17,27 +30,104 @@ def parse(*args: str) -> Options:
     return options
 
 
+def descriptions(options: Options) -> list[str]:
+    return [address.description for address in options["port"]]
+
+
+@pytest.fixture
+def logged() -> Iterator[Sequence[LogEvent]]:
+    with capturedLogs() as events:
+        yield events
+
+
 def test_defaults() -> None:
     options = parse()
-    assert options["port"] == "tcp:5000"
+    assert descriptions(options) == ["tcp:5000:interface=127.0.0.1", r"tcp6:5000:interface=\:\:1"]
     assert options["max-request"] == 4096
     assert options["max-connections"] == 10000
     assert options["idle-timeout"] == 0
 
 
-@pytest.mark.parametrize(
-    "given, expected",
-    [("5000", "tcp:5000"), (" 6001 ", "tcp:6001"), ("tcp:5000:interface=127.0.0.1", "tcp:5000:interface=127.0.0.1"),
-     ("unix:/tmp/kv.sock", "unix:/tmp/kv.sock")],
-)
-def test_port(given: str, expected: str) -> None:
-    assert parse("--port", given)["port"] == expected
+def test_a_bare_port_is_loopback_only() -> None:
+    assert parse("--port", " 6001 ")["port"] == [
+        ListenAddress("tcp:6001:interface=127.0.0.1"),
+        ListenAddress(r"tcp6:6001:interface=\:\:1", skipIfUnavailable=True),
+    ]
 
 
-@pytest.mark.parametrize("bad", ["foo:1", "tcp:notaport", "ssl:5000:privateKey=/nonexistent.pem"])
+@pytest.mark.parametrize("given", ["tcp:5000", "tcp:5000:interface=127.0.0.1", "unix:/tmp/kv.sock"])
+def test_an_endpoint_string_is_kept(given: str) -> None:
+    assert parse("--port", given)["port"] == [ListenAddress(given)]
+
+
+def test_port_may_be_repeated() -> None:
+    options = parse("--port", "tcp:5000", "-p", "unix:/tmp/kv.sock", "--port", "6000")
+    assert descriptions(options) == [
+        "tcp:5000", "unix:/tmp/kv.sock", "tcp:6000:interface=127.0.0.1", r"tcp6:6000:interface=\:\:1"]
+
+
+@pytest.mark.parametrize("bad", ["foo:1", "tcp:notaport", "ssl:5000:privateKey=/nonexistent.pem", "",
+                                 "unix:/tmp/kv.sock:backlog=many", "unix:/tmp/kv.sock:mode=rw"])
 def test_unusable_port_is_a_usage_error(bad: str) -> None:
     with pytest.raises(UsageError, match="not a usable endpoint"):
         parse("--port", bad)
+
+
+def test_a_bare_port_out_of_range_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="not a port number"):
+        parse("--port", "65536")
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("tcp:5000", f"tcp:5000:backlog={LISTEN_BACKLOG}"),
+     ("tcp:5000:backlog=7:interface=127.0.0.1", "tcp:5000:backlog=7:interface=127.0.0.1"),
+     (r"tcp6:5000:interface=\:\:1", rf"tcp6:5000:interface=\:\:1:backlog={LISTEN_BACKLOG}"),
+     ("ssl:5443:privateKey=k.pem", f"ssl:5443:privateKey=k.pem:backlog={LISTEN_BACKLOG}"),
+     ("unix:/run/kv.sock", f"unix:/run/kv.sock:backlog={LISTEN_BACKLOG}:mode=600"),
+     ("unix:/run/kv.sock:mode=660:backlog=9", "unix:/run/kv.sock:mode=660:backlog=9"),
+     # An escaped colon is part of the path, not the start of an argument.
+     (r"unix:/run/x\:backlog=1", rf"unix:/run/x\:backlog=1:backlog={LISTEN_BACKLOG}:mode=600"),
+     ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0")],
+)
+def test_server_defaults(given: str, expected: str) -> None:
+    assert withServerDefaults(given) == expected
+
+
+@pytest.mark.parametrize("port", ["6000", "tcp:6000", r"tcp6:6000:interface=\:\:1"])
+def test_tcp_ports_listen_with_a_long_backlog(port: str) -> None:
+    reactor = MemoryReactor()
+    makeService(parse("--port", port), reactor=reactor).startService()
+    assert reactor.tcpServers
+    assert all(backlog == LISTEN_BACKLOG for (_, _, backlog, _) in reactor.tcpServers)
+
+
+def test_a_given_backlog_is_kept() -> None:
+    reactor = MemoryReactor()
+    makeService(parse("--port", "tcp:6000:backlog=7"), reactor=reactor).startService()
+    [(_, _, backlog, _)] = reactor.tcpServers
+    assert backlog == 7
+
+
+def test_ssl_listens_with_a_long_backlog() -> None:
+    reactor = MemoryReactor()
+    makeService(parse("--port", f"ssl:6443:privateKey={SERVER_PEM}"), reactor=reactor).startService()
+    [(port, _, _, backlog, _)] = reactor.sslServers
+    assert (port, backlog) == (6443, LISTEN_BACKLOG)
+
+
+def test_unix_endpoint_is_private_with_a_long_backlog() -> None:
+    reactor = MemoryReactor()
+    makeService(parse("--port", "unix:/tmp/kvtwist-test.sock"), reactor=reactor).startService()
+    [(path, _, backlog, mode, _)] = reactor.unixServers
+    assert (path, backlog, mode) == ("/tmp/kvtwist-test.sock", LISTEN_BACKLOG, 0o600)
+
+
+def test_a_given_unix_mode_is_kept() -> None:
+    reactor = MemoryReactor()
+    makeService(parse("--port", "unix:/tmp/kvtwist-test.sock:mode=660"), reactor=reactor).startService()
+    [(_, _, _, mode, _)] = reactor.unixServers
+    assert mode == 0o660
 
 
 def test_max_request() -> None:
@@ -70,25 +160,60 @@ def test_make_service_listens_with_the_configured_factory() -> None:
     svc.startService()
     [(port, factory, backlog, interface)] = reactor.tcpServers
     assert (port, interface) == (6000, "127.0.0.1")
-    assert isinstance(factory, KVFactory)
+    assert isinstance(factory, KVFactory) and factory is svc.factory
     assert (factory.maxRequest, factory.maxConnections, factory.idleTimeout) == (77, 5, 9)
-    assert svc.port is not None
+    [listener] = list(svc)
+    assert isinstance(listener, ListeningPort) and listener.port is not None
 
 
-def test_stop_service_stops_listening() -> None:
+def test_every_port_listens_with_the_one_factory() -> None:
     reactor = MemoryReactor()
-    svc = makeService(parse("--port", "6000"), reactor=reactor)
+    svc = makeService(parse("--port", "6000", "--port", "unix:/tmp/kvtwist-test.sock"), reactor=reactor)
+    assert isinstance(svc, KVService)
     svc.startService()
-    d = svc.stopService()
-    assert reactor.tcpServers[0][0] == 6000
-    assert svc.port is None
-    assert d.called
+    assert [(port, interface) for (port, _, _, interface) in reactor.tcpServers] == [(6000, "127.0.0.1"), (6000, "::1")]
+    factories = {server[1] for server in reactor.tcpServers + reactor.unixServers}
+    assert factories == {svc.factory}
 
 
-def test_unix_endpoint() -> None:
-    reactor = MemoryReactor()
-    makeService(parse("--port", "unix:/tmp/kvtwist-test.sock"), reactor=reactor).startService()
-    assert reactor.unixServers[0][0] == "/tmp/kvtwist-test.sock"
+def test_every_address_is_logged(logged: Sequence[LogEvent]) -> None:
+    makeService(parse("--port", "6000", "--port", "unix:/tmp/kvtwist-test.sock"), reactor=MemoryReactor()).startService()
+    lines = [formatEvent(e) for e in logged if formatEvent(e).startswith("kvstore listening on ")]
+    assert len(lines) == 3
+    assert "UNIXAddress('/tmp/kvtwist-test.sock')" in lines[2]
+
+
+def test_every_interface_is_an_exposed_server(logged: Sequence[LogEvent]) -> None:
+    makeService(parse("--port", "tcp:6000"), reactor=MemoryReactor()).startService()
+    [warning] = [formatEvent(e) for e in logged if "reachable from other machines" in formatEvent(e)]
+    assert "port=6000" in warning and "no authentication is configured" in warning
+
+
+def test_a_unix_socket_is_not_exposed(logged: Sequence[LogEvent]) -> None:
+    makeService(parse("--port", "unix:/tmp/kvtwist-test.sock"), reactor=MemoryReactor()).startService()
+    assert not [e for e in logged if "reachable from other machines" in formatEvent(e)]
+
+
+class StopTests(TestCase):
+    """Stopping on the real reactor, where a port that still listens would still take connections."""
+
+    async def test_stop_service_stops_listening(self) -> None:
+        from twisted.internet import reactor
+
+        svc = makeService(parse("--port", "tcp:0:interface=127.0.0.1"), reactor=reactor)
+        assert isinstance(svc, KVService)
+        svc.startService()
+        [listener] = list(svc)
+        assert isinstance(listener, ListeningPort)
+        assert listener.port is not None
+        host = listener.port.getHost()
+        assert isinstance(host, IPv4Address)
+        address = ("127.0.0.1", host.port)
+        socket.create_connection(address, timeout=5).close()
+        await svc.stopService()
+        self.assertIsNone(listener.port)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=5)
 
 
 def test_plugin_is_discovered() -> None:

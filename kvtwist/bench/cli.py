@@ -23,8 +23,12 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
     p.add_argument("--server-warmup", type=float, default=None,
                    help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick)")
-    keys = ", ".join(s.key for s in plan.fullPlan())
-    p.add_argument("--only", default="", help=f"comma-separated scenario keys to run, from: {keys} (default all)")
+    keys = ", ".join(s.key for s in plan.fullPlan(trees=True))
+    p.add_argument("--only", default="", help=f"comma-separated scenario keys to run, from: {keys} (default all; "
+                   f"{' and '.join(plan.TREE_KEYS)} need --baseline-tree)")
+    p.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                   help="another checkout of kvtwist (e.g. from git worktree add): compare this kvtwist's "
+                        f"in-memory throughput and CPU with that one's in {' and '.join(plan.TREE_KEYS)}")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.md and plots")
     p.add_argument("--server-python", default=sys.executable, help="interpreter that runs kvtwist (default: this one)")
     p.add_argument("--pypy", default=None, metavar="INTERPRETER",
@@ -36,6 +40,25 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _results(ran: list[plan.Scenario], rows: list[report.Row], verdicts: list[report.Verdict], quick: bool) -> str:
+    """The tables (against Redis; against the baseline tree) and the targets, as printed and in results.md."""
+    treeKeys = {s.key for s in ran if s.against == plan.AGAINST_TREE}
+    parts = []
+    redisRows = [r for r in rows if r.scenario not in treeKeys]
+    if redisRows:
+        parts.append(report.formatTable(redisRows))
+    treeRows = [r for r in rows if r.scenario in treeKeys]
+    if treeRows:
+        parts.append("This tree against the baseline tree (--baseline-tree); a median throughput "
+                     f"ratio under {plan.REGRESSION.threshold:g} is a regression:\n\n"
+                     + report.formatTable(treeRows, against="baseline"))
+    if quick:
+        parts.append("Targets: not judged; a --quick run is far too short to tell.")
+    elif verdicts:
+        parts.append("Targets (met or NOT met only when every round agrees):\n" + report.formatVerdicts(verdicts))
+    return "\n\n".join(parts)
+
+
 def _progress(start: float):  # type: ignore[no-untyped-def]
     def say(line: str) -> None:
         print(f"{time.monotonic() - start:6.1f}s {line}", file=sys.stderr, flush=True)
@@ -43,24 +66,46 @@ def _progress(start: float):  # type: ignore[no-untyped-def]
     return say
 
 
+class UsageError(Exception):
+    """A command line that cannot run; the message says what to change."""
+
+
+def _select(scenarios: list[plan.Scenario], only: str, trees: bool) -> list[plan.Scenario]:
+    """The scenarios named by ``--only`` (all when empty), or UsageError."""
+    if not only:
+        return scenarios
+    keys = set(only.split(","))
+    unknown = keys - {s.key for s in scenarios}
+    if unknown & set(plan.TREE_KEYS) and not trees:
+        raise UsageError(f"{', '.join(sorted(unknown & set(plan.TREE_KEYS)))}: give the tree to compare "
+                         "with as --baseline-tree DIR")
+    if unknown:
+        raise UsageError(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(s.key for s in scenarios)}")
+    return [s for s in scenarios if s.key in keys]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parseArgs(argv)
     durable = not args.no_durable
+    trees = args.baseline_tree is not None
     scenarios = (
-        plan.quickPlan(durable)
+        plan.quickPlan(durable, trees)
         if args.quick
-        else plan.fullPlan(args.rounds, args.duration, args.warmup, durable)
+        else plan.fullPlan(args.rounds, args.duration, args.warmup, durable, trees)
     )
-    if args.only:
-        keys = set(args.only.split(","))
-        unknown = keys - {s.key for s in scenarios}
-        if unknown:
-            print(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: "
-                  f"{', '.join(s.key for s in scenarios)}", file=sys.stderr)
-            return 2
-        scenarios = [s for s in scenarios if s.key in keys]
+    try:
+        scenarios = _select(scenarios, args.only, trees)
+        if trees:
+            servers.treeSource(args.baseline_tree)
+    except (UsageError, servers.ServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     say = _progress(time.monotonic())
+    versions = report.trees(args.baseline_tree)
+    if versions:
+        say(f"comparing this kvtwist ({versions['current']}) with the baseline tree ({versions['baseline']})")
     try:
         kvbench = build.build("kvbench", args.build_dir)
         cserver = build.build("cserver", args.build_dir)
@@ -68,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     redis = None if args.no_redis else shutil.which("redis-server")
-    if redis is None:
-        say("redis-server not found: measuring kvtwist alone, no ratios")
-    options = servers.Options(python=args.server_python, pypy=args.pypy, redis=redis, cserver=cserver)
+    if redis is None and any(kind.startswith("redis") for s in scenarios for kind in s.servers):
+        say("redis-server not found: measuring kvtwist alone, no ratios against Redis")
+    options = servers.Options(python=args.server_python, pypy=args.pypy, redis=redis, cserver=cserver,
+                              baselineTree=args.baseline_tree)
 
     serverWarmup = args.server_warmup if args.server_warmup is not None else (0.0 if args.quick else runner.SERVER_WARMUP)
     try:
@@ -83,19 +129,18 @@ def main(argv: list[str] | None = None) -> int:
            for s in scenarios]
     rows = report.summarize(ran, measurements)
     verdicts = report.verdicts(ran, rows)
-    table = report.formatTable(rows)
-    print(table)
-    if verdicts:
-        print("\nTargets:\n" + report.formatVerdicts(verdicts))
+    text = _results(ran, rows, verdicts, args.quick)
+    print(text)
 
     args.out.mkdir(parents=True, exist_ok=True)
     report.writeJson(
         args.out / "results.json",
         command=["python", "-m", "kvtwist.bench", *report.homeRelative(sys.argv[1:] if argv is None else argv)],
         machine=report.machine(args.server_python, args.pypy, redis),
+        trees=versions,
         plan=ran, summary=rows, targets=verdicts, measurements=measurements,
     )
-    (args.out / "results.md").write_text(table + "\n\n" + report.formatVerdicts(verdicts) + "\n")
+    (args.out / "results.md").write_text(text + "\n")
     written = [args.out / "results.json", args.out / "results.md"]
     if not args.no_plots:
         try:

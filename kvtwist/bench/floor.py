@@ -19,10 +19,16 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, endpoints, task
+from twisted.internet.protocol import Factory, Protocol
 
-from kvtwist.server.protocol import OK, KVFactory, KVProtocol
+# All the floor takes from kvtwist: a connection's set-up, which reads only
+# the two attributes of FloorFactory below, and its reply path, entered as
+# the store enters it (IReplyTarget.sendReplies); not the factory, nor a store.
+from kvtwist.server.protocol import KVProtocol
+from kvtwist.storage.interface import Batch
 
 DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
+OK = b"OK\n"
 
 
 class FloorProtocol(KVProtocol):
@@ -31,13 +37,22 @@ class FloorProtocol(KVProtocol):
     def dataReceived(self, data: bytes) -> None:
         count = data.count(b"\n")
         if count:
-            self._send(OK * count)
+            self.sendReplies(Batch(OK * count))
+
+
+class FloorFactory(Factory[Protocol]):
+    """What ``KVProtocol`` reads from its factory when a connection opens and closes, and no more."""
+
+    protocol = FloorProtocol
+    idleTimeout = 0.0
+
+    def __init__(self) -> None:
+        self.connections = 0
 
 
 @defer.inlineCallbacks
 def serve(reactor: Any, description: str = DEFAULT_ENDPOINT) -> Any:
-    factory = KVFactory()
-    factory.protocol = FloorProtocol
+    factory = FloorFactory()
     port = yield endpoints.serverFromString(reactor, description).listen(factory)
     print(f"floor listening on port {port.getHost().port}", flush=True)
     # Serve until the process is stopped.

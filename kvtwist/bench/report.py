@@ -9,13 +9,13 @@ import os
 import platform
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtwist.bench.plan import Scenario
+from kvtwist.bench.plan import AGAINST_TREE, Scenario, Target
 from kvtwist.bench.runner import Measurement
-from kvtwist.bench.servers import BASELINE
-from kvtwist.bench.stats import median, medianRatio
+from kvtwist.bench.servers import REDIS_COUNTERPART, baselineKind, installedSource, runsBaselineTree, treeSource
+from kvtwist.bench.stats import median, pairedRatios
 
 # The per-round figures a Row summarises, by the name targets use.
 METRICS = {
@@ -40,15 +40,52 @@ class Row:
     rounds: int
     medians: dict[str, float]
     ratios: dict[str, float]  # empty when there is no baseline in the run
+    against: str = ""  # the server kind the ratios are taken against
+    # The ratio of each round, whose median ``ratios`` holds: verdicts need to
+    # know whether the rounds agree.
+    roundRatios: dict[str, list[float]] = field(default_factory=dict)
+
+
+MET, NOT_MET, UNCERTAIN = "met", "NOT met", "uncertain"
+# Fewer rounds than this cannot show whether a verdict would hold.
+MIN_ROUNDS = 3
 
 
 @dataclass
 class Verdict:
+    """A target judged on one row: ``outcome`` is met or NOT met only when every round agrees."""
+
     scenario: str
     server: str
     target: str
-    ratio: float
-    met: bool
+    ratio: float  # the median of the per-round ratios
+    outcome: str  # MET, NOT_MET or UNCERTAIN
+    roundsMet: int
+    rounds: int
+
+
+def judge(target: Target, roundRatios: Sequence[float]) -> tuple[str, int]:
+    """
+    The outcome of ``target`` over the rounds' ratios, and in how many rounds it was met.
+
+    A median can land on either side of a threshold from one run to the
+    next when the rounds disagree, so then the outcome is uncertain.
+    """
+    metIn = sum(1 for ratio in roundRatios if target.met(ratio))
+    if len(roundRatios) < MIN_ROUNDS or 0 < metIn < len(roundRatios):
+        return UNCERTAIN, metIn
+    return (MET if metIn else NOT_MET), metIn
+
+
+def againstOf(scenario: Scenario, server: str) -> str:
+    """The server kind whose figures ``server``'s are divided by in ``scenario``; "" for none."""
+    if scenario.against == AGAINST_TREE:
+        return "" if runsBaselineTree(server) else baselineKind(server)
+    return REDIS_COUNTERPART.get(server, "")
+
+
+def _againstName(kind: str) -> str:
+    return "Redis" if kind.startswith("redis") else kind
 
 
 def _byRound(measurements: Sequence[Measurement], scenario: str, server: str) -> list[Measurement]:
@@ -68,25 +105,29 @@ def summarize(plan: Sequence[Scenario], measurements: Sequence[Measurement]) -> 
             mine = _byRound(measurements, scenario.key, server)
             if not mine:
                 continue
-            base = _byRound(measurements, scenario.key, BASELINE.get(server, ""))
-            ratios = {}
+            against = againstOf(scenario, server)
+            base = _byRound(measurements, scenario.key, against)
+            roundRatios = {}
             if base and len(base) == len(mine):
-                ratios = {name: medianRatio(*_series(name, f, mine, base)) for name, f in METRICS.items()}
+                roundRatios = {name: pairedRatios(*_series(name, f, mine, base)) for name, f in METRICS.items()}
+            ratios = {name: median(values) for name, values in roundRatios.items()}
             medians = {name: median(_series(name, f, mine, mine)[0]) for name, f in METRICS.items()}
-            rows.append(Row(scenario.key, scenario.title, server, len(mine), medians, ratios))
+            rows.append(Row(scenario.key, scenario.title, server, len(mine), medians, ratios,
+                            against if ratios else "", roundRatios))
     return rows
 
 
 def verdicts(plan: Sequence[Scenario], rows: Sequence[Row]) -> list[Verdict]:
-    """Each target of each scenario, judged on the kvtwist rows that have a Redis baseline."""
+    """Each target of each scenario, judged on the kvtwist rows that have a baseline in the run."""
     out = []
     targets = {s.key: s.targets for s in plan}
     for row in rows:
         if not row.ratios or not row.server.startswith("kvtwist"):
             continue
         for target in targets.get(row.scenario, ()):
-            ratio = row.ratios[target.metric]
-            out.append(Verdict(row.scenario, row.server, target.describe(), ratio, target.met(ratio)))
+            outcome, metIn = judge(target, row.roundRatios[target.metric])
+            out.append(Verdict(row.scenario, row.server, target.describe(_againstName(row.against)),
+                               row.ratios[target.metric], outcome, metIn, len(row.roundRatios[target.metric])))
     return out
 
 
@@ -94,10 +135,10 @@ def _fmt(value: float, spec: str) -> str:
     return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
-def formatTable(rows: Sequence[Row]) -> str:
-    """A Markdown table (readable as plain text too)."""
-    header = ["scenario", "server", "rounds", "req/s", "CPU us/req", "p99 ms",
-              "memory", "x Redis req/s", "x Redis CPU", "x Redis p99", "x Redis memory"]
+def formatTable(rows: Sequence[Row], against: str = "Redis") -> str:
+    """A Markdown table (readable as plain text too); ``against`` names what the ratios divide by."""
+    header = ["scenario", "server", "rounds", "req/s", "CPU us/req", "p99 ms", "memory",
+              *(f"x {against} {what}" for what in ("req/s", "CPU", "p99", "memory"))]
     lines = [header]
     for r in rows:
         if r.scenario.startswith("mem"):
@@ -122,11 +163,16 @@ def formatTable(rows: Sequence[Row]) -> str:
     return "\n".join(text)
 
 
+def _outcome(v: Verdict) -> str:
+    if v.rounds < MIN_ROUNDS:
+        return f"{UNCERTAIN}: only {v.rounds} round{'s' if v.rounds != 1 else ''}"
+    if v.outcome == UNCERTAIN:
+        return f"{UNCERTAIN}: met in {v.roundsMet} of {v.rounds} rounds"
+    return f"{MET} in all {v.rounds} rounds" if v.outcome == MET else f"{NOT_MET} in any of {v.rounds} rounds"
+
+
 def formatVerdicts(items: Sequence[Verdict]) -> str:
-    return "\n".join(
-        f"- {v.server}, {v.scenario}: {v.target}: measured {v.ratio:.2f}x, {'met' if v.met else 'NOT met'}"
-        for v in items
-    )
+    return "\n".join(f"- {v.server}, {v.scenario}: {v.target}: measured {v.ratio:.2f}x, {_outcome(v)}" for v in items)
 
 
 def _firstLine(argv: list[str]) -> str:
@@ -158,6 +204,26 @@ def machine(serverPython: str, pypy: str | None, redis: str | None) -> dict[str,
         "pypy_twisted": _firstLine([pypy, "-c", "import twisted; print(twisted.__version__)"]) if pypy else "",
         "twisted": twisted.__version__,
         "redis": _firstLine([redis, "--version"]) if redis else "not installed",
+    }
+
+
+def treeVersion(directory: Path) -> str:
+    """The commit a source tree is at (``-dirty`` when it has changes), for a reader to check out again."""
+    try:
+        result = subprocess.run(["git", "-C", str(directory), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "not a git checkout"
+
+
+def trees(baselineTree: Path | None) -> dict[str, str]:
+    """Which commits a comparison of two trees measured; empty without one."""
+    if baselineTree is None:
+        return {}
+    return {
+        "current": treeVersion(installedSource().package.parent),
+        "baseline": treeVersion(treeSource(baselineTree).package.parent),
     }
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from kvtwist.bench import loadgen, procfs, servers
 from kvtwist.bench.loadgen import Load
@@ -89,10 +90,18 @@ def _describe(m: Measurement) -> str:
     return f"{m.rps:,.0f} req/s, {m.cpu:.1f} us CPU/req, p99 {m.p99 / 1000:.2f} ms"
 
 
+T = TypeVar("T")
+
+
+def roundOrder(items: Sequence[T], round: int, alternate: bool) -> list[T]:
+    """The order servers run in a round: always the same, or reversed in odd rounds when ``alternate``."""
+    return list(reversed(items)) if alternate and round % 2 else list(items)
+
+
 def runScenario(
     scenario: Scenario, options: servers.Options, kvbench: Path, progress: Progress, serverWarmup: float = SERVER_WARMUP
 ) -> list[Measurement]:
-    """All rounds of one scenario; servers alternate within each round (A B A B ...)."""
+    """All rounds of one scenario; the servers take turns within each round (A B, A B, ...)."""
     results: list[Measurement] = []
 
     def record(server: servers.Server, round: int) -> None:
@@ -122,7 +131,7 @@ def runScenario(
             if serverWarmup:
                 loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
         for round in range(scenario.rounds):
-            for server in running:
+            for server in roundOrder(running, round, scenario.alternate):
                 record(server, round)
     finally:
         for server in running:
@@ -140,6 +149,8 @@ def runPlan(
         available -= {"redis", "redis-always"}
     if options.pypy is None:
         available = {kind for kind in available if not servers.runsOnPypy(kind)}
+    if options.baselineTree is None:
+        available = {kind for kind in available if not servers.runsBaselineTree(kind)}
     if not servers.kvtwistSupportsFsync():
         available -= {"kvtwist-always", "kvtwist-pypy-always"}
     for i, scenario in enumerate(plan, 1):

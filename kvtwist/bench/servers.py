@@ -66,6 +66,8 @@ class Options:
     pypy: str | None = None  # an interpreter with Twisted, for the kvtwist-pypy kinds
     redis: str | None = shutil.which("redis-server")
     cserver: Path | None = None
+    # Another checkout of kvtwist, run by the -baseline kinds (see treeSource).
+    baselineTree: Path | None = None
 
 
 def kvtwistSupportsFsync() -> bool:
@@ -126,29 +128,74 @@ def _waitForPing(server: Server, timeout: float = 10.0) -> bool:
     return False
 
 
-def _importRoot(workdir: Path) -> Path:
-    """
-    A directory holding only this kvtwist and its twistd dropin, as links.
+@dataclass(frozen=True)
+class Source:
+    """The kvtwist package a server runs, and the twistd dropin that names its plugin."""
 
-    It goes first on the server's path, so the server runs this very
+    package: Path
+    dropin: Path | None
+
+
+_DROPIN = Path("twisted", "plugins", "kvtwist_plugin.py")
+
+
+def installedSource() -> Source:
+    """The kvtwist this harness belongs to, wherever it is installed."""
+    package = Path(kvtwist.__file__).resolve().parent
+    for base in (package.parent, *map(Path, sys.path)):
+        if (base / _DROPIN).exists():
+            return Source(package, base / _DROPIN)
+    return Source(package, None)
+
+
+def treeSource(tree: Path) -> Source:
+    """
+    The kvtwist of a source tree (a checkout, e.g. from ``git worktree add``).
+
+    Only the package directory and the dropin are taken, so any layout of
+    the package inside works: the old one (``kvtwist/protocol.py``) as
+    well as the new one (``kvtwist/server/protocol.py``).
+    """
+    tree = tree.resolve()
+    package, dropin = tree / "kvtwist", tree / _DROPIN
+    missing = [str(p.relative_to(tree)) for p in (package / "__init__.py", dropin) if not p.is_file()]
+    if missing:
+        raise ServerError(f"{tree} is not a kvtwist source tree: it has no {' and no '.join(missing)}")
+    return Source(package, dropin)
+
+
+def _importRoot(workdir: Path, source: Source) -> Path:
+    """
+    A directory holding only ``source``'s kvtwist package and its dropin, as links.
+
+    It goes first on the server's path, so the server runs that very
     kvtwist whatever its interpreter has installed, and another
     interpreter (PyPy) does not pick up this one's other packages, as it
     would from the directory kvtwist is installed in.
     """
-    package = Path(kvtwist.__file__).resolve().parent
     root = workdir / "path"
-    (root / "twisted" / "plugins").mkdir(parents=True)
-    (root / "kvtwist").symlink_to(package, target_is_directory=True)
-    for base in (package.parent, *map(Path, sys.path)):
-        dropin = base / "twisted" / "plugins" / "kvtwist_plugin.py"
-        if dropin.exists():
-            (root / "twisted" / "plugins" / dropin.name).symlink_to(dropin)
-            break
+    (root / _DROPIN.parent).mkdir(parents=True)
+    (root / "kvtwist").symlink_to(source.package, target_is_directory=True)
+    if source.dropin is not None:
+        (root / _DROPIN).symlink_to(source.dropin)
     return root
 
 
 def runsOnPypy(kind: str) -> bool:
     return "pypy" in kind
+
+
+BASELINE_SUFFIX = "-baseline"
+
+
+def runsBaselineTree(kind: str) -> bool:
+    """Whether ``kind`` runs the baseline tree (``Options.baselineTree``) instead of this kvtwist."""
+    return kind.endswith(BASELINE_SUFFIX)
+
+
+def baselineKind(kind: str) -> str:
+    """The kind that runs the baseline tree in the same way as ``kind``: kvtwist -> kvtwist-baseline."""
+    return kind + BASELINE_SUFFIX
 
 
 def _python(kind: str, options: Options) -> str:
@@ -158,8 +205,16 @@ def _python(kind: str, options: Options) -> str:
     return python
 
 
-def _pythonEnv(workdir: Path) -> dict[str, str]:
-    root = str(_importRoot(workdir))
+def _source(kind: str, options: Options) -> Source:
+    if not runsBaselineTree(kind):
+        return installedSource()
+    if options.baselineTree is None:
+        raise ServerError("no baseline tree given (--baseline-tree)")
+    return treeSource(options.baselineTree)
+
+
+def _pythonEnv(kind: str, options: Options, workdir: Path) -> dict[str, str]:
+    root = str(_importRoot(workdir, _source(kind, options)))
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
 
 
@@ -172,12 +227,12 @@ def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
-    return _startAndWaitForLog(kind, argv, workdir, _KVSTORE_LISTENING, _pythonEnv(workdir))
+    return _startAndWaitForLog(kind, argv, workdir, _KVSTORE_LISTENING, _pythonEnv(kind, options, workdir))
 
 
 def _startFloor(kind: str, options: Options, workdir: Path) -> Server:
     argv = [_python(kind, options), "-m", "kvtwist.bench.floor", f"tcp:0:interface={HOST}"]
-    return _startAndWaitForLog(kind, argv, workdir, _FLOOR_LISTENING, _pythonEnv(workdir))
+    return _startAndWaitForLog(kind, argv, workdir, _FLOOR_LISTENING, _pythonEnv(kind, options, workdir))
 
 
 def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
@@ -216,6 +271,9 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     "kvtwist-always": _startKvtwist,
     "kvtwist-pypy": _startKvtwist,
     "kvtwist-pypy-always": _startKvtwist,
+    # The same kvtwist servers, run from another source tree (--baseline-tree).
+    "kvtwist-baseline": _startKvtwist,
+    "kvtwist-pypy-baseline": _startKvtwist,
     "redis": _startRedis,
     "redis-always": _startRedis,
     "cserver": _startCserver,
@@ -228,7 +286,7 @@ KINDS = tuple(_STARTERS)
 
 # Each kvtwist configuration is compared with the Redis configuration that
 # makes the same promise.
-BASELINE = {
+REDIS_COUNTERPART = {
     "kvtwist": "redis",
     "kvtwist-pypy": "redis",
     "kvtwist-always": "redis-always",

@@ -2,14 +2,18 @@
 
 Measures, at a given number of keys (1M by default):
 
-- recovery: ``JournaledStore.open`` on a directory holding only a journal
+- recovery: opening, as the server does, a directory holding only a journal
   of N puts, and on one holding a snapshot of N keys plus a journal just
   under the size that triggers compaction (the worst case); also a whole
   ``twistd kvstore --data`` start-up, until it listens;
 - compaction: the longest time the reactor goes without running a 5 ms
   timer while a compaction of N keys runs with writes going on, against
   the same measurement over the same time with no compaction (the
-  machine's own noise), and the longest single compaction step.
+  machine's own noise);
+- recovery memory: on both directories, in a fresh process that recovers
+  the directory and keeps what a server keeps (the map), the peak
+  resident memory (VmHWM) against the resident memory once open (VmRSS).
+  ``--memory-only`` measures only this.
 
 Rounds alternate the cases and the medians are printed.
 """
@@ -24,11 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvtwist.storage import journal, snapshot
 from kvtwist.storage.datadir import journalName, snapshotName
-from kvtwist.storage.journaled import COMPACT_RATIO, JournaledStore
+from kvtwist.storage.compaction import COMPACT_RATIO
+from kvtwist.storage.interface import Batch
+from kvtwist.storage.journaled import JournaledStore, openDirectory
 
 TICK = 0.005
 
@@ -54,7 +61,7 @@ def buildSnapshotAndJournal(directory: Path, keys: int) -> None:
 
 def timeOpen(directory: Path) -> tuple[float, int]:
     started = time.perf_counter()
-    journaled = JournaledStore.open(str(directory))
+    journaled = JournaledStore(openDirectory(str(directory)))
     elapsed = time.perf_counter() - started
     count = len(journaled)
     journaled.close()
@@ -82,22 +89,23 @@ def timeServerStart(directory: Path) -> float:
         proc.wait(30)
 
 
-def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float, float]:
     """Run the reactor with a 5 ms timer and light writes, with or without a compaction.
 
-    Returns (longest gap between timer runs beyond 5 ms, longest compaction
-    step, seconds run); without a compaction it runs ``window`` seconds.
+    Returns (longest gap between timer runs beyond 5 ms, seconds run);
+    without a compaction it runs ``window`` seconds.
     """
     from twisted.internet import reactor, task
 
-    from kvtwist.storage.durable import DurableService
+    from kvtwist.storage.durable import DurableService, DurableStore
 
-    journaled = JournaledStore.open(str(directory))
-    durable = DurableService(journaled, "everysec", reactor)
+    store = DurableStore(openDirectory(str(directory)), "everysec", reactor)
+    durable = DurableService(store)
     durable.startService()
     last = [time.perf_counter()]
     worst = [0.0]
     counter = iter(range(10**12))
+    batch = Batch()
 
     def tick() -> None:
         now = time.perf_counter()
@@ -105,7 +113,7 @@ def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float,
         last[0] = now
         for _ in range(20):
             n = next(counter)
-            journaled.put(-1 - n, n)
+            store.put(-1 - n, n, batch)
 
     ticker = task.LoopingCall(tick)
     result: list[float] = []
@@ -113,11 +121,7 @@ def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float,
     def run() -> None:
         ticker.start(TICK)
         started = time.perf_counter()
-        if compact:
-            durable.compact()
-            done = durable._compaction
-        else:
-            done = task.deferLater(reactor, window, lambda: None)
+        done = store.compactor.start() if compact else task.deferLater(reactor, window, lambda: None)
 
         def finished(_: object) -> None:
             result.append(time.perf_counter() - started)
@@ -127,30 +131,69 @@ def measureStalls(directory: Path, compact: bool, window: float) -> tuple[float,
         done.addBoth(finished)
 
     reactor.callWhenRunning(run)
-    reactor.run(installSignalHandlers=False)
-    return worst[0], durable.longestCompactionStep, result[0]
+    reactor.run()
+    return worst[0], result[0]
 
 
 def _childStalls(directory: str, compact: str, window: str) -> None:
-    worst, step, seconds = measureStalls(Path(directory), compact == "1", float(window))
-    print(f"{worst} {step} {seconds}")
+    worst, seconds = measureStalls(Path(directory), compact == "1", float(window))
+    print(f"{worst} {seconds}")
 
 
-def stallsInChild(directory: Path, compact: bool, window: float) -> tuple[float, float, float]:
+def stallsInChild(directory: Path, compact: bool, window: float) -> tuple[float, float]:
     """Each measurement in a fresh process: a reactor runs only once per process."""
     code = "import sys; from kvtwist.bench import storage as b; b._childStalls(*sys.argv[1:])"
     out = subprocess.run(
         [sys.executable, "-c", code, str(directory), "1" if compact else "0", str(window)],
         capture_output=True, text=True, check=True,
     ).stdout
-    worst, step, seconds = map(float, out.split()[-3:])
-    return worst, step, seconds
+    worst, seconds = map(float, out.split()[-2:])
+    return worst, seconds
+
+
+def _statusBytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _childMemory(directory: str) -> None:
+    from kvtwist.storage.recovery import recover
+
+    before = _statusBytes("VmRSS")
+    recovered = recover(directory, truncateTorn=False)
+    print(before, _statusBytes("VmHWM"), _statusBytes("VmRSS"), len(recovered.map))
+
+
+def memoryInChild(directory: Path) -> tuple[int, int, int, int]:
+    """(resident before, peak, resident once open, keys) of a fresh process that recovers ``directory``.
+
+    The process keeps what a server keeps afterwards, the map, so its
+    resident memory once open is what the server starts serving with.
+    """
+    code = "import sys; from kvtwist.bench import storage as b; b._childMemory(sys.argv[1])"
+    out = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True).stdout
+    before, peak, after, keys = map(int, out.split()[-4:])
+    return before, peak, after, keys
+
+
+def reportRecoveryMemory(directories: dict[str, Path]) -> None:
+    for name, directory in directories.items():
+        before, peak, after, keys = memoryInChild(directory)
+        print(
+            f"recovery memory, {name}: peak {peak / 1e6:.1f} MB, resident once open {after / 1e6:.1f} MB "
+            f"(peak / resident {peak / after:.2f}); the map {(after - before) / max(keys, 1):.0f} B/key"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvtwist.bench.storage", description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-only", action="store_true", help="measure only the recovery peak memory")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kvtwist-durablebench-"))
     try:
@@ -162,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()
         size = sum(p.stat().st_size for p in withSnapshot.iterdir())
         print(f"{args.keys:,} keys; snapshot + journal case: {size / 1e6:.1f} MB on disk")
+        reportRecoveryMemory({"journal only": journalOnly, "snapshot + journal": withSnapshot})
+        if args.memory_only:
+            return 0
 
         opens: dict[str, list[float]] = {"journal only": [], "snapshot + journal": [], "twistd start-up": []}
         for _ in range(args.rounds):
@@ -173,23 +219,21 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{t:.2f}" for t in times) + ")")
 
         stalls: dict[str, list[float]] = {"compaction": [], "no compaction": []}
-        steps, durations = [], []
+        durations = []
         for _ in range(args.rounds):
             copy = work / "copy"
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(withSnapshot, copy)
             os.sync()
-            worst, step, seconds = stallsInChild(copy, True, 0)
+            worst, seconds = stallsInChild(copy, True, 0)
             stalls["compaction"].append(worst)
-            steps.append(step)
             durations.append(seconds)
-            worst, _, _ = stallsInChild(copy, False, seconds)
+            worst, _ = stallsInChild(copy, False, seconds)
             stalls["no compaction"].append(worst)
         print(f"compaction of {args.keys:,} keys: median {statistics.median(durations):.2f} s")
         for name, worsts in stalls.items():
             print(f"longest reactor stall, {name}: median {statistics.median(worsts) * 1000:.0f} ms (rounds: "
                   + ", ".join(f"{w * 1000:.0f}" for w in worsts) + ")")
-        print(f"longest single compaction step: median {statistics.median(steps) * 1000:.0f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -2,27 +2,29 @@
 The kvtwist wire protocol: one request per line, one reply line per request.
 
 ``KVProtocol`` turns received bytes into requests, runs them against the
-store that ``KVFactory`` shares between all connections, and sends the
-replies. docs/protocol.md is the normative description of what goes over
-the wire; this module implements exactly that.
+store that its factory shares between all connections, and sends the
+replies when the store delivers them. docs/protocol.md is the normative
+description of what goes over the wire; this module implements exactly that.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, cast
 
 from twisted.internet import interfaces, tcp
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kvtwist.storage.memory import Store, StoreError
+from kvtwist.storage.interface import Batch, StoreError
+
+if TYPE_CHECKING:
+    from kvtwist.server.factory import KVFactory
 
 DEFAULT_MAX_REQUEST = 4096
-DEFAULT_MAX_CONNECTIONS = 10000
 # Bytes asked of the kernel per read; see KVProtocol.connectionMade.
 READ_SIZE = 4096
 
@@ -34,7 +36,6 @@ EXISTS = b"Key already exists\n"
 NOT_FOUND = b"Key not found\n"
 GOODBYE = b"Goodbye\n"
 TOO_LONG = b"Error: request too long\n"
-TOO_MANY = b"Error: too many connections\n"
 IDLE = b"Error: idle timeout\n"
 UNKNOWN = b"Error: unknown command (expected put, get, del or Bye)\n"
 
@@ -43,6 +44,20 @@ UNKNOWN = b"Error: unknown command (expected put, get, del or Bye)\n"
 # treats them as such.
 _NEEDS_CARE = re.compile(rb"[\r\x0b\x0c]")
 _SEPARATORS = re.compile(rb"[ \t]+")
+
+
+class _StreamTransport(TypingProtocol):
+    """What the protocol uses of its transport: TCP, TLS and UNIX transports all offer it."""
+
+    bufferSize: int
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
 
 
 def parseInt64(token: bytes) -> int | None:
@@ -88,8 +103,10 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     Requests are split on LF (or NUL) without ever re-scanning bytes already
     looked at, so a client that pipelines thousands of requests costs time
-    linear in what it sends. All replies for one received chunk leave in a
-    single write, in request order.
+    linear in what it sends. The requests of one received chunk form one
+    ``Batch``: their replies are delivered through the store together, and
+    leave in a single write, in request order. The protocol is the
+    batch's ``IReplyTarget``.
     """
 
     factory: KVFactory
@@ -98,6 +115,13 @@ class KVProtocol(Protocol, TimeoutMixin):
     def __init__(self) -> None:
         self._partial = b""
         self._closing = False
+
+    @property
+    def _stream(self) -> _StreamTransport:
+        # ITransport does not declare flow control or abortConnection,
+        # although every stream transport provides them.
+        assert self.transport is not None, "not connected"
+        return cast(_StreamTransport, self.transport)
 
     # Connection life cycle
 
@@ -110,26 +134,26 @@ class KVProtocol(Protocol, TimeoutMixin):
         # request on PyPy and a little less on CPython (docs/performance.md).
         # The same number is the reply backlog above which the transport
         # pauses us (below), which suits small replies just as well.
-        self.transport.bufferSize = READ_SIZE
+        self._stream.bufferSize = READ_SIZE
         # Flow control: when the client stops reading its replies, the
         # transport pauses us, and we stop reading its requests.
-        self.transport.registerProducer(self, True)
+        self._stream.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
         self.setTimeout(None)
 
     def timeoutConnection(self) -> None:
-        self._finish(IDLE)
+        self._finish(Batch(IDLE))
 
     # IPushProducer: the transport calls these about its send buffer.
 
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
+        self._stream.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self._closing:
-            self.transport.resumeProducing()
+            self._stream.resumeProducing()
 
     def stopProducing(self) -> None:
         pass
@@ -142,10 +166,12 @@ class KVProtocol(Protocol, TimeoutMixin):
             return
         rest, self._partial = self._partial, b""
         # End of input also ends the last request.
-        self._finish(self._execute([rest], _NEEDS_CARE.search(rest) is not None))
+        batch = Batch()
+        batch.replies = self._execute([rest], _NEEDS_CARE.search(rest) is not None, batch)
+        self._finish(batch)
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     # Parsing
 
@@ -158,19 +184,22 @@ class KVProtocol(Protocol, TimeoutMixin):
         buffered = self._partial + data
         lines = buffered.split(b"\n")
         self._partial = lines.pop()
-        replies = self._execute(lines, _NEEDS_CARE.search(buffered) is not None)
+        batch = Batch()
+        replies = self._execute(lines, _NEEDS_CARE.search(buffered) is not None, batch)
         if not self._closing and _tooLong(self._partial, self.factory.maxRequest):
             self._partial = b""
             replies += TOO_LONG
             self._closing = True
+        batch.replies = replies
         if self._closing:
-            self._finish(replies)
+            self._finish(batch)
         elif replies:
-            self._respond(replies)
+            self.factory.store.deliver(self, batch)
 
-    def _execute(self, lines: list[bytes], careful: bool) -> bytes:
+    def _execute(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
         """
-        Run complete requests in order; stop at Bye or at a request over the limit.
+        Run complete requests in order, noting in ``batch`` what their
+        replies wait for; stop at Bye or at a request over the limit.
 
         ``careful`` says whether any line holds a CR, VT or FF; most traffic
         has none, and then the fast C-level ``bytes.split`` tokenizes exactly
@@ -198,14 +227,14 @@ class KVProtocol(Protocol, TimeoutMixin):
             if len(tokens) - 1 != arity:
                 append(b"Error: wrong number of arguments (usage: %s)\n" % usage)
                 continue
-            append(handler(self, tokens))
+            append(handler(self, tokens, batch))
             if self._closing:
                 break
         return b"".join(out)
 
     # Commands: each gets the request's tokens and returns its reply line.
 
-    def do_put(self, tokens: list[bytes]) -> bytes:
+    def do_put(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
             return _BAD_KEY
@@ -213,41 +242,38 @@ class KVProtocol(Protocol, TimeoutMixin):
         if value is None:
             return _BAD_VALUE
         try:
-            return OK if self.factory.store.put(key, value) else EXISTS
+            return OK if self.factory.store.put(key, value, batch) else EXISTS
         except StoreError as e:
             return _storeError(e)
 
-    def do_get(self, tokens: list[bytes]) -> bytes:
+    def do_get(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
             return _BAD_KEY
         try:
-            value = self.factory.store.get(key)
+            value = self.factory.store.get(key, batch)
         except StoreError as e:
             return _storeError(e)
         return NOT_FOUND if value is None else b"%d\n" % value
 
-    def do_del(self, tokens: list[bytes]) -> bytes:
+    def do_del(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
             return _BAD_KEY
         try:
-            return OK if self.factory.store.delete(key) else NOT_FOUND
+            return OK if self.factory.store.delete(key, batch) else NOT_FOUND
         except StoreError as e:
             return _storeError(e)
 
-    def do_bye(self, tokens: list[bytes]) -> bytes:
+    def do_bye(self, tokens: list[bytes], batch: Batch) -> bytes:
         self._closing = True
         return GOODBYE
 
-    # Replies
+    # IReplyTarget: the store hands each batch back when its replies may leave.
 
-    def _respond(self, replies: bytes) -> None:
-        self.factory.whenDurable(self._send, replies)
-
-    def _send(self, replies: bytes) -> None:
+    def sendReplies(self, batch: Batch) -> None:
         """
-        Write a batch of replies, straight to the socket when that is safe.
+        Write the batch's replies, straight to the socket when that is safe.
 
         ``transport.write`` only queues: the bytes leave on a later reactor
         turn, after one epoll_ctl to watch the socket for writability and one
@@ -257,44 +283,47 @@ class KVProtocol(Protocol, TimeoutMixin):
         not take is queued. Sending only when the queue is empty keeps the
         order; TLS and any other transport always take the ordinary path.
         """
+        replies = batch.replies
         transport = self.transport
-        if (
-            type(transport) is tcp.Server
-            and transport.connected
-            and not transport.disconnecting
-            and not transport.dataBuffer
-            # Twisted keeps fresh writes in a private list until its next
-            # send; a Twisted without this counter takes the ordinary path.
-            and not getattr(transport, "_tempDataLen", True)
-        ):
-            sent = transport.writeSomeData(replies)
-            # An exception instead of a count means the connection is gone;
-            # the reactor finds that out on its own, as for any write.
-            if isinstance(sent, int):
-                if sent == len(replies):
-                    return
-                replies = replies[sent:]
-        transport.write(replies)
+        assert transport is not None, "not connected"
+        if replies:
+            if (
+                type(transport) is tcp.Server
+                and transport.connected
+                and not transport.disconnecting
+                and not transport.dataBuffer
+                # Twisted keeps fresh writes in a private list until its next
+                # send; a Twisted without this counter takes the ordinary path.
+                and not getattr(transport, "_tempDataLen", True)
+            ):
+                sent = transport.writeSomeData(replies)
+                # An exception instead of a count means the connection is gone;
+                # the reactor finds that out on its own, as for any write.
+                if isinstance(sent, int):
+                    replies = replies[sent:]
+            if replies:
+                transport.write(replies)
+        if batch.last:
+            # A transport with a paused producer registered would wait for
+            # it forever instead of closing; flow control is over here.
+            self._stream.unregisterProducer()
+            transport.loseConnection()
 
-    def _finish(self, replies: bytes) -> None:
+    def abandonReplies(self) -> None:
+        self._stream.abortConnection()
+
+    def _finish(self, batch: Batch) -> None:
         """Send the last replies, then close once they are flushed."""
         self._closing = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
-        if replies:
-            self._respond(replies)
-        self.factory.whenDurable(self._close)
-
-    def _close(self) -> None:
-        # A transport with a paused producer registered would wait for it
-        # forever instead of closing; flow control is over at this point.
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._stream.pauseProducing()
+        batch.last = True
+        self.factory.store.deliver(self, batch)
 
 
 # verb -> (number of arguments, handler, usage): one table for every
 # connection, and adding a command is one row.
-_COMMANDS: dict[bytes, tuple[int, Callable[[KVProtocol, list[bytes]], bytes], bytes]] = {
+_COMMANDS: dict[bytes, tuple[int, Callable[[KVProtocol, list[bytes], Batch], bytes], bytes]] = {
     b"put": (2, KVProtocol.do_put, b"put KEY VALUE"),
     b"get": (1, KVProtocol.do_get, b"get KEY"),
     b"del": (1, KVProtocol.do_del, b"del KEY"),
@@ -311,59 +340,3 @@ def _tooLong(partial: bytes, limit: int) -> bool:
 def _storeError(error: StoreError) -> bytes:
     # The text comes from the server, never from the client, so it is safe to send.
     return b"Error: %s\n" % str(error).encode("ascii", "replace")
-
-
-class _Refusal(Protocol):
-    """Tells a connection over the limit why it is being closed."""
-
-    def connectionMade(self) -> None:
-        self.transport.write(TOO_MANY)
-        self.transport.loseConnection()
-
-
-class KVFactory(Factory):
-    """
-    Owns the one store that every connection shares, and the limits.
-
-    ``whenDurable`` is the seam through which every reply batch passes: in
-    memory it sends at once; a durable store makes replies wait until the
-    writes they depend on are on disk.
-    """
-
-    protocol = KVProtocol
-    _log = Logger()
-
-    def __init__(
-        self,
-        store: Store | None = None,
-        maxRequest: int = DEFAULT_MAX_REQUEST,
-        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
-        idleTimeout: float = 0,
-        whenDurable: Callable[..., None] | None = None,
-    ) -> None:
-        self.store = Store() if store is None else store
-        if whenDurable is not None:
-            # A durable store's reply gate replaces the in-memory default.
-            self.whenDurable = whenDurable  # type: ignore[method-assign]
-        self.maxRequest = maxRequest
-        self.maxConnections = maxConnections
-        self.idleTimeout = idleTimeout
-        self.connections = 0
-
-    def buildProtocol(self, addr: object) -> Protocol:
-        if self.connections >= self.maxConnections:
-            refusal = _Refusal()
-            refusal.factory = self
-            return refusal
-        return super().buildProtocol(addr)
-
-    def whenDurable(self, f: Callable[..., object], *args: object) -> None:
-        """
-        Call ``f(*args)`` once the writes its replies depend on are as durable as promised.
-
-        The contract with a durable store (``kvtwist.storage.durable``): the store
-        calls made since the previous ``whenDurable`` call produced this
-        batch's replies, and ``f`` is a bound method of the connection's
-        protocol, so that one connection's batches keep their order.
-        """
-        f(*args)

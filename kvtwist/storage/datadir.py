@@ -1,4 +1,4 @@
-"""The data directory: file names, the lock, and making files durable.
+"""The data directory: file names, the lock, and making files durable and private.
 
 A data directory holds at most one current snapshot and the journals
 written since it began::
@@ -10,11 +10,17 @@ written since it began::
 
 Generation numbers only grow.  Snapshot N is paired with journal N;
 files of older generations are left-overs of a finished compaction.
-No Twisted imports.
+
+Everything kvtwist creates here is its owner's alone (directories 0700,
+files 0600, whatever the umask), and new files are created with
+``O_EXCL | O_NOFOLLOW``: a file or symbolic link planted under a name
+kvtwist is about to create makes the creation fail, so it never writes
+through a link to a file outside the directory.  No Twisted imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -28,7 +34,11 @@ from kvtwist.storage.journalwriter import JournalWriter
 
 LOCK_NAME = "LOCK"
 TEMP_SUFFIX = ".tmp"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 _NAME = re.compile(r"^(journal|snapshot)-(\d{8,})\.(kvj|kvs)$")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def journalName(generation: int) -> str:
@@ -48,10 +58,10 @@ class Listing:
     temporaries: list[str] = field(default_factory=list)
 
 
-def listFiles(dirpath: str) -> Listing:
-    """Name the journals, snapshots and unfinished temporary files in ``dirpath``."""
+def listFiles(dirPath: str) -> Listing:
+    """Name the journals, snapshots and unfinished temporary files in ``dirPath``."""
     listing = Listing()
-    for name in sorted(os.listdir(dirpath)):
+    for name in sorted(os.listdir(dirPath)):
         if name.endswith(TEMP_SUFFIX) and _NAME.match(name[: -len(TEMP_SUFFIX)]):
             listing.temporaries.append(name)
             continue
@@ -66,43 +76,122 @@ def listFiles(dirpath: str) -> Listing:
     return listing
 
 
-def fsyncDir(dirpath: str) -> None:
+def makeDataDir(dirPath: str) -> None:
+    """Create ``dirPath`` and any missing parents, each owner-only (0700) whatever the umask.
+
+    A directory that exists already is left as it is: its owner chose
+    its mode.
+    """
+    missing = []
+    path = os.path.abspath(dirPath)
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+            continue  # made meanwhile by someone else: theirs
+        # The umask may have taken bits away, even the owner's own.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC)
+        try:
+            os.fchmod(fd, DIR_MODE)
+        finally:
+            os.close(fd)
+
+
+def createPrivateFile(path: str) -> int:
+    """Create ``path`` owner-only (0600) for writing and return its descriptor.
+
+    ``O_EXCL | O_NOFOLLOW``: if anything is already there, a symbolic
+    link included, it raises ``FileExistsError`` and writes nothing.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+    except BaseException:
+        os.close(fd)
+        os.remove(path)
+        raise
+    return fd
+
+
+def fsyncDir(dirPath: str) -> None:
     """Make the directory's entries (creations, renames, removals) durable."""
-    fd = os.open(dirpath, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(dirPath, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def writeAll(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def writeTemporary(path: str, fill: Callable[[int], None]) -> str:
+    """Create ``path`` + ``.tmp`` (see ``createPrivateFile``), ``fill`` it, fsync it, and return its name.
+
+    If any of that fails, the temporary file is removed: a next attempt,
+    which insists on a new file, must not find it in the way.
+    """
+    temp = path + TEMP_SUFFIX
+    fd = createPrivateFile(temp)
+    try:
+        fill(fd)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+    os.close(fd)
+    return temp
+
+
 def writeFileAtomically(
-    dirpath: str, name: str, data: bytes, crashpoint: Callable[[str], None] = lambda step: None, label: str = "file"
+    dirPath: str, name: str, data: bytes, crashpoint: Callable[[str], None] = lambda step: None, label: str = "file"
 ) -> None:
     """Create ``name`` with ``data`` so that a crash leaves it whole or absent.
 
-    Written to a temporary name, fsynced, renamed, then the directory is
-    fsynced.  ``crashpoint`` is called with a step name between the steps
-    (tests use it to kill the process there), prefixed with ``label``.
+    Written to a temporary name (``writeTemporary``), renamed, then the
+    directory is fsynced.  ``crashpoint`` is called with a step name
+    between the steps (tests use it to kill the process there), prefixed
+    with ``label``.
     """
-    final = os.path.join(dirpath, name)
-    temp = final + TEMP_SUFFIX
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    final = os.path.join(dirPath, name)
+    temp = writeTemporary(final, lambda fd: writeAll(fd, data))
     crashpoint(f"{label} written")
     os.replace(temp, final)
     crashpoint(f"{label} renamed")
-    fsyncDir(dirpath)
+    fsyncDir(dirPath)
+
+
+def truncateFile(path: str, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes, durably; a symbolic link is refused (``ELOOP``)."""
+    fd = os.open(path, os.O_WRONLY | _NOFOLLOW | _CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def createJournal(
-    dirpath: str, generation: int, crashpoint: Callable[[str], None] = lambda step: None
+    dirPath: str, generation: int, crashpoint: Callable[[str], None] = lambda step: None
 ) -> JournalWriter:
-    """Create an empty journal for ``generation`` and open it for appending."""
+    """Create an empty journal for ``generation`` (current format) and open it for appending."""
     name = journalName(generation)
-    writeFileAtomically(dirpath, name, encodeHeader(JOURNAL_MAGIC, generation), crashpoint, "new journal")
-    return JournalWriter.open(os.path.join(dirpath, name))
+    writeFileAtomically(dirPath, name, encodeHeader(JOURNAL_MAGIC, generation), crashpoint, "new journal")
+    return JournalWriter.open(os.path.join(dirPath, name))
 
 
 class DataDirLocked(Exception):
@@ -117,12 +206,14 @@ class DirectoryLock:
     holds the owner's pid, for the error message.
     """
 
-    def __init__(self, dirpath: str) -> None:
-        self.path = os.path.join(dirpath, LOCK_NAME)
+    def __init__(self, dirPath: str) -> None:
+        self.path = os.path.join(dirPath, LOCK_NAME)
         self._fd = -1
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # No O_EXCL: the file outlives the servers that lock it.  No
+        # O_NOFOLLOW would let a planted link have the pid written through it.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -136,7 +227,15 @@ class DirectoryLock:
                 f"stop that server or choose another --data directory"
             ) from None
         self._fd = fd
-        self.recordOwner()
+        try:
+            # Also a LOCK left by an older kvtwist, created 0644; one that
+            # belongs to someone else still locks, so it is left alone.
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, FILE_MODE)
+            self.recordOwner()
+        except BaseException:
+            self.release()
+            raise
 
     def recordOwner(self) -> None:
         """Write this process's pid into the lock file (again after twistd forks into the background)."""

@@ -27,6 +27,7 @@ Design:
 
 from __future__ import annotations
 
+import math
 import secrets
 from array import array
 from collections.abc import Iterable, Iterator
@@ -95,18 +96,29 @@ class _Shard:
         keys[hole] = EMPTY
         self.size -= 1
 
-    def grown(self, salt: int) -> _Shard:
-        bigger = _Shard(self.mask.bit_length() + 1)
+    def grown(self, salt: int, bits: int = 0) -> _Shard:
+        """A copy with twice the slots, or ``1 << bits`` slots when that is more."""
+        bigger = _Shard(max(bits, self.mask.bit_length() + 1))
+        keys, values, mask = bigger.keys, bigger.values, bigger.mask
         for k, v in zip(self.keys, self.values):
             if k != EMPTY:
-                bigger.insert(k, v, hash((salt, k)))
+                # The keys are distinct: the first empty slot is the place.
+                i = (hash((salt, k)) >> _SHARD_BITS) & mask
+                while keys[i] != EMPTY:
+                    i = (i + 1) & mask
+                keys[i] = k
+                values[i] = v
+        bigger.size = self.size
         return bigger
 
 
 class IntMap:
     """
     A map of int64 keys to int64 values with dict-like ``get``, plus
-    put-if-absent and delete that report whether they changed anything.
+    put-if-absent and delete that report whether they changed anything,
+    which is what the server needs, and the blind writes journal replay
+    needs (``m[key] = value``, ``pop``, ``update``), into a map sized up
+    front with ``reserve``: recovery fills the store's map directly.
 
     Callers pass ints already known to be in the int64 range; ``array``
     raises OverflowError for others.
@@ -145,17 +157,54 @@ class IntMap:
             shards[h & _SHARD_MASK] = shard.grown(self._salt)
         return True
 
-    def delete(self, key: int) -> bool:
-        """Remove ``key``; True if it was there."""
+    def __setitem__(self, key: int, value: int) -> None:
+        """Set ``key`` to ``value``, whether or not it is there: a blind write, as journal replay does."""
+        self.update(((key, value),))
+
+    def update(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Blind-write every pair; recovery loads snapshots and journal pieces this way."""
+        salt, shards, special = self._salt, self._shards, self._special
+        for key, value in pairs:
+            if key == EMPTY:
+                array("q", [value])  # the same range check as the tables
+                special[key] = value
+                continue
+            # ``find`` inlined: this runs once per key recovered.
+            h = hash((salt, key))
+            shard = shards[h & _SHARD_MASK]
+            keys, mask = shard.keys, shard.mask
+            i = (h >> _SHARD_BITS) & mask
+            while True:
+                k = keys[i]
+                if k == key:
+                    shard.values[i] = value
+                    break
+                if k == EMPTY:
+                    # Value first: if it is out of range, nothing has changed.
+                    shard.values[i] = value
+                    keys[i] = key
+                    shard.size += 1
+                    if shard.size > shard.limit:
+                        shards[h & _SHARD_MASK] = shard.grown(salt)
+                    break
+                i = (i + 1) & mask
+
+    def pop(self, key: int, default: int | None = None) -> int | None:
+        """Remove ``key`` if it is there and return its value, else ``default``."""
         if key == EMPTY:
-            return self._special.pop(key, None) is not None
+            return self._special.pop(key, default)
         h = hash((self._salt, key))
         shard = self._shards[h & _SHARD_MASK]
         slot = shard.find(key, h)
         if slot < 0:
-            return False
+            return default
+        value = shard.values[slot]
         shard.remove(slot, self._salt)
-        return True
+        return value
+
+    def delete(self, key: int) -> bool:
+        """Remove ``key``; True if it was there."""
+        return self.pop(key) is not None
 
     def items(self) -> Iterator[tuple[int, int]]:
         """Every (key, value) pair, in no particular order."""
@@ -165,29 +214,25 @@ class IntMap:
                 if k != EMPTY:
                     yield k, v
 
-    def load(self, pairs: Iterable[tuple[int, int]], count: int) -> None:
+    def reserve(self, count: int) -> None:
         """
-        Fill an empty map with ``count`` pairs whose keys are distinct.
+        Make room for ``count`` entries in all, so that filling the map up
+        to that many grows (and rehashes) no shard.
 
-        Each shard is sized for its share up front, so no shard grows (and
-        rehashes) on the way: recovery fills millions of keys this way.
+        Each shard gets room for its share plus four standard deviations,
+        which no shard of a random hash exceeds in practice (one that does
+        just grows), and no more: recovery presizes the map for a
+        snapshot's entries, and room it reserves is kept for good.
         """
-        if len(self):
-            raise ValueError("load() fills an empty map")
+        share = count / len(self._shards)
+        need = share + 4 * math.sqrt(share) + 1
         bits = _MIN_BITS
-        while (1 << bits) * _MAX_LOAD < 1.5 * count / (1 << _SHARD_BITS):
+        while (1 << bits) * _MAX_LOAD < need:
             bits += 1
-        shards = self._shards = [_Shard(bits) for _ in range(1 << _SHARD_BITS)]
-        salt = self._salt
-        for key, value in pairs:
-            if key == EMPTY:
-                self.put(key, value)
-                continue
-            h = hash((salt, key))
-            shard = shards[h & _SHARD_MASK]
-            shard.insert(key, value, h)
-            if shard.size > shard.limit:
-                shards[h & _SHARD_MASK] = shard.grown(salt)
+        shards, salt = self._shards, self._salt
+        for i, shard in enumerate(shards):
+            if shard.mask + 1 < 1 << bits:
+                shards[i] = _Shard(bits) if not shard.size else shard.grown(salt, bits)
 
     def keyParts(self) -> Iterator[list[int]]:
         """

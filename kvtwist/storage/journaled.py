@@ -1,139 +1,141 @@
 """The store with its journal: every change is journaled before it is applied.
 
-``JournaledStore`` has the ``Store`` interface, so the protocol talks to
-it unchanged.  A put or del that changes something is first appended to
-the journal (one write to the operating system), then applied to the
-in-memory ``Store``, which stays the source of truth for reads.  If the
-append fails, nothing is applied, and the store turns read-only.
+A put or del that changes something is first appended to the journal (one
+write to the operating system), then applied to the in-memory store, which
+stays the source of truth for reads.  If the append fails, nothing is
+applied, and the store turns read-only.
 
-When records reach the disk (fsync) is not decided here but by the fsync
-policy in ``kvtwist.storage.durable``, which is told of each append through
-``onAppend``.  No Twisted imports.
+What this module does not decide: when records reach the disk and which
+replies wait for them (the fsync policies in ``kvtwist.storage.durability``),
+and when and how to compact (``kvtwist.storage.compaction``, which tells
+this store when to switch journals).  No Twisted imports.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Iterator
 
-from kvtwist.storage import compaction
-from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, snapshotName
-from kvtwist.storage.journal import encodeDel, encodePut
-from kvtwist.storage.journalwriter import JournalWriteError, JournalWriter
+from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, makeDataDir
+from kvtwist.storage.interface import Batch, StoreError
+from kvtwist.storage.journal import encodeDel, encodeEnd, encodePut
+from kvtwist.storage.journalwriter import JournalSyncError, JournalWriteError, JournalWriter
+from kvtwist.storage.memory import MemoryStore
 from kvtwist.storage.recovery import recover
-from kvtwist.storage.memory import Store, StoreError
 
-# Compact once the journals are at least this big and as big as the
-# snapshot (Redis's default rewrite point), which bounds what recovery
-# replays to about one record per key.
-COMPACT_MIN_BYTES = 8 * 1024 * 1024
-COMPACT_RATIO = 1
+
+@dataclass
+class OpenedDirectory:
+    """A locked and recovered data directory, ready for appending."""
+
+    path: str
+    lock: DirectoryLock
+    memory: MemoryStore
+    writer: JournalWriter
+    generation: int
+    snapshotSize: int
+    olderJournalBytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def openDirectory(dirPath: str) -> OpenedDirectory:
+    """Lock ``dirPath``, recover its contents, and open its newest journal.
+
+    Raises ``DataDirLocked`` or ``RecoveryError`` with a message for the
+    operator; ``warnings`` lists what recovery dropped.
+    """
+    makeDataDir(dirPath)
+    lock = DirectoryLock(dirPath)
+    lock.acquire()
+    try:
+        recovered = recover(dirPath)
+        for path in recovered.obsolete:
+            os.remove(path)
+        generation = recovered.journalGeneration
+        if generation is None:
+            # Only an empty directory has no journal (recovery refuses a
+            # snapshot without its own).
+            generation = 1
+            writer = createJournal(dirPath, generation)
+            older = 0
+        else:
+            writer = JournalWriter.open(os.path.join(dirPath, journalName(generation)))
+            older = recovered.journalBytes - writer.size
+        memory = MemoryStore(recovered.map)
+    except BaseException:
+        lock.release()
+        raise
+    return OpenedDirectory(
+        dirPath, lock, memory, writer, generation, recovered.snapshotSize, older, recovered.warnings
+    )
 
 
 class JournaledStore:
-    """A ``Store`` whose changes are appended to a journal in a data directory."""
+    """
+    The store whose changes are appended to a journal in a data directory.
 
-    def __init__(
-        self,
-        dirpath: str,
-        store: Store,
-        writer: JournalWriter,
-        generation: int,
-        lock: DirectoryLock | None = None,
-        snapshotSize: int = 0,
-        olderJournalBytes: int = 0,
-        compactMinBytes: int = COMPACT_MIN_BYTES,
-    ) -> None:
-        self.dirpath = dirpath
-        self.store = store
-        self.writer = writer
-        self.generation = generation
-        self.lock = lock
-        self.snapshotSize = snapshotSize
+    It counts the records it appends; the fsync policy tells it, through
+    ``markDurable``, how many of them are on disk.  With
+    ``trackDependencies`` it also notes in each request's ``Batch`` the
+    newest record the reply depends on, for policies that hold replies
+    back until then.  Delivering replies is the policy's business, so
+    this class is completed into an ``IStore`` by ``DurableStore``.
+    """
+
+    def __init__(self, opened: OpenedDirectory, trackDependencies: bool = False) -> None:
+        self.dirPath = opened.path
+        self.lock = opened.lock
+        self.memory = opened.memory
+        self.writer = opened.writer
+        self.generation = opened.generation
+        self.snapshotSize = opened.snapshotSize
+        self.warnings = opened.warnings
         # Bytes in the journals before the current one that recovery would replay.
-        self._olderJournalBytes = olderJournalBytes
-        self.compactMinBytes = compactMinBytes
+        self.olderJournalBytes = opened.olderJournalBytes
         self.readOnlyReason: str | None = None
-        self.syncBroken = False
-        self.compacting = False
         # Records appended so far, and how many of them are known durable.
         self.appended = 0
         self.durable = 0
-        # ``get`` goes straight to the store: reads are most of the traffic.
-        self.get: Callable[[int], int | None] = store.get
-        # With dependency tracking (see ``trackDependencies``): each key
-        # changed by a record not yet durable, with that record's number;
-        # and the highest such number read or written since the last
-        # ``takeDependency``.
-        self.dirty: dict[int, int] | None = None
-        self.dependency = 0
-        self.onAppend: Callable[[], None] = lambda: None
-        self.onReadOnly: Callable[[str], None] = lambda reason: None
-        self.warnings: list[str] = []
+        # With dependency tracking: each key changed by a record not yet
+        # durable, with that record's number.  None: not tracking.
+        self._dirty: dict[int, int] | None = {} if trackDependencies else None
 
-    @classmethod
-    def open(cls, dirpath: str, compactMinBytes: int = COMPACT_MIN_BYTES) -> "JournaledStore":
-        """Lock ``dirpath``, recover its contents, and get ready to append.
+    # The store methods
 
-        Raises ``DataDirLocked`` or ``RecoveryError`` with a message for
-        the operator; ``warnings`` lists what recovery dropped.
-        """
-        os.makedirs(dirpath, exist_ok=True)
-        lock = DirectoryLock(dirpath)
-        lock.acquire()
-        try:
-            recovered = recover(dirpath)
-            for path in recovered.obsolete:
-                os.remove(path)
-            generation = recovered.journalGeneration
-            if generation is None:
-                generation = max(recovered.snapshotGeneration, 1)
-                writer = createJournal(dirpath, generation)
-                older = 0
-            else:
-                writer = JournalWriter.open(os.path.join(dirpath, journalName(generation)))
-                older = recovered.journalBytes - writer.size
-            store = _loadedStore(recovered.data)
-        except BaseException:
-            lock.release()
-            raise
-        journaled = cls(
-            dirpath, store, writer, generation, lock,
-            recovered.snapshotSize, older, compactMinBytes,
-        )
-        journaled.warnings = recovered.warnings
-        return journaled
-
-    # The Store interface
-
-    def put(self, key: int, value: int) -> bool:
+    def put(self, key: int, value: int, batch: Batch) -> bool:
         self._checkWritable()
-        if key in self.store:
-            self._dependOn(key)
+        if key in self.memory:
+            if self._dirty:
+                self._dependOn(key, batch)
             return False
-        self._append(encodePut(key, value), key)
-        self.store.put(key, value)
-        self.onAppend()
+        self._append(encodePut(key, value), key, batch)
+        self.memory.put(key, value, batch)
         return True
 
-    def delete(self, key: int) -> bool:
+    def get(self, key: int, batch: Batch) -> int | None:
+        if self._dirty:
+            self._dependOn(key, batch)
+        return self.memory.get(key, batch)
+
+    def delete(self, key: int, batch: Batch) -> bool:
         self._checkWritable()
-        if key not in self.store:
-            self._dependOn(key)
+        if key not in self.memory:
+            if self._dirty:
+                self._dependOn(key, batch)
             return False
-        self._append(encodeDel(key), key)
-        self.store.delete(key)
-        self.onAppend()
+        self._append(encodeDel(key), key, batch)
+        self.memory.delete(key, batch)
         return True
 
     def items(self) -> Iterator[tuple[int, int]]:
-        return self.store.items()
+        return self.memory.items()
 
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self.memory)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.store
+        return key in self.memory
 
     # Journaling
 
@@ -141,162 +143,102 @@ class JournaledStore:
         if self.readOnlyReason is not None:
             raise StoreError(f"store is read-only ({self.readOnlyReason})")
 
-    def _append(self, record: bytes, key: int) -> None:
+    def _append(self, record: bytes, key: int, batch: Batch) -> None:
         try:
             self.writer.append(record)
         except JournalWriteError as e:
             self.turnReadOnly(f"journal write failed: {e}")
             raise StoreError(f"store is read-only ({self.readOnlyReason})") from e
         self.appended += 1
-        if self.dirty is not None:
-            self.dirty[key] = self.dependency = self.appended
+        if self._dirty is not None:
+            self._dirty[key] = batch.waitFor = self.appended
 
-    # Which replies depend on which records
-
-    def trackDependencies(self) -> None:
-        """Start noting, for each reply, the newest record it depends on.
-
-        A reply depends on a record that changed the key it reads or
-        writes: ``2`` after an unsynced ``put 1 2`` depends on that put;
-        ``Key not found`` after an unsynced ``del`` depends on the del.
-        Replies that touch only durable keys depend on nothing.
-        """
-        self.dirty = {}
-        self.get = self._trackedGet  # type: ignore[method-assign]
-
-    def _trackedGet(self, key: int) -> int | None:
-        if self.dirty:
-            self._dependOn(key)
-        return self.store.get(key)
-
-    def _dependOn(self, key: int) -> None:
-        dirty = self.dirty
-        if dirty:
-            number = dirty.get(key, 0)
-            if number > self.dependency:
-                self.dependency = number
-
-    def takeDependency(self) -> int:
-        """The newest record the replies produced since the last call depend on (0: none)."""
-        number, self.dependency = self.dependency, 0
-        return number
+    def _dependOn(self, key: int, batch: Batch) -> None:
+        """A reply about ``key`` depends on the record that last changed it, if not yet durable."""
+        number = self._dirty.get(key, 0) if self._dirty else 0
+        if number > batch.waitFor:
+            batch.waitFor = number
 
     def turnReadOnly(self, reason: str) -> None:
         """Refuse all further changes; reads go on.  Only a restart undoes it."""
         if self.readOnlyReason is None:
             self.readOnlyReason = reason
-            self.onReadOnly(reason)
+            self.readOnlyStarted(reason)
 
-    def sync(self) -> None:
-        """Make every journaled change durable; on failure turn read-only and re-raise."""
-        target, sync = self.pendingSync()
-        try:
-            sync()
-        except OSError as e:
-            self.syncFailed(e)
-            raise
-        self.markDurable(target)
-
-    def pendingSync(self) -> tuple[int, Callable[[], None]]:
-        """What a sync started now covers, and the call that does it.
-
-        The call may run in another thread while appends go on; once it
-        returns, pass the count to ``markDurable``.
-        """
-        return self.appended, self.writer.sync
-
-    def markDurable(self, count: int) -> None:
-        self.durable = durable = max(self.durable, count)
-        if self.dirty:
-            if durable >= self.appended:
-                self.dirty.clear()
-            else:
-                self.dirty = {key: n for key, n in self.dirty.items() if n > durable}
-
-    def syncFailed(self, error: OSError) -> None:
-        self.syncBroken = True
-        self.turnReadOnly(f"journal fsync failed: {error.strerror or error}")
+    def readOnlyStarted(self, reason: str) -> None:
+        """Called once, when the store turns read-only; subclasses tell the operator."""
 
     @property
     def unsynced(self) -> bool:
         return self.appended > self.durable
 
+    def sync(self) -> None:
+        """Make every journaled change durable, or turn read-only and raise ``JournalSyncError``."""
+        target = self.appended
+        try:
+            self.writer.sync()
+        except JournalSyncError as e:
+            self.turnReadOnly(str(e))
+            raise
+        self.markDurable(target)
+
+    def markDurable(self, count: int) -> None:
+        """The first ``count`` records are on disk: replies that depend on them only may leave."""
+        self.durable = durable = max(self.durable, count)
+        if self._dirty:
+            if durable >= self.appended:
+                self._dirty.clear()
+            else:
+                self._dirty = {key: n for key, n in self._dirty.items() if n > durable}
+
     def close(self) -> None:
         """Sync, close the journal and release the lock.
 
-        The sync is tried also when the store turned read-only after a
-        failed append: what was written before it still deserves the disk.
-        Only after a failed fsync is it not retried (see docs/durability.md).
-        Requests that still arrive while the server shuts down get a
-        read-only error: nothing is appended to a closed journal.
+        The sync is tried whatever happened before (what was written still
+        deserves the disk), but after a failed write or fsync it counts
+        for nothing (see ``JournalWriter.sync``).  Requests that still
+        arrive while the server shuts down get a read-only error: nothing
+        is appended to a closed journal.
         """
         try:
-            if self.unsynced and not self.syncBroken:
+            if self.unsynced:
                 self.sync()
         finally:
             if self.readOnlyReason is None:
                 self.readOnlyReason = "the server is shutting down"
             self.writer.close()
-            if self.lock is not None:
-                self.lock.release()
+            self.lock.release()
 
-    # Compaction
+    # Switching journals, when the compaction says so
 
     @property
     def journalBytes(self) -> int:
         """Bytes of journal that recovery would replay now."""
-        return self._olderJournalBytes + self.writer.size
+        return self.olderJournalBytes + self.writer.size
 
-    def wantsCompaction(self) -> bool:
-        return (
-            not self.compacting
-            and self.readOnlyReason is None
-            and self.journalBytes >= max(self.compactMinBytes, COMPACT_RATIO * self.snapshotSize)
-        )
-
-    def compaction(
-        self, crashpoint: compaction.Crashpoint = compaction.noCrash, chunk: int = compaction.CHUNK
-    ) -> Iterator[compaction.Blocking | None]:
-        """The steps of a compaction, for the caller to drive (see ``kvtwist.storage.compaction``).
-
-        First, off the event loop, the new journal is created and the
-        current one is fsynced; then, in one quick step, the rest of the
-        current journal is fsynced and writes switch to the new one; then
-        the snapshot is written.
+    def switchJournal(self, writer: JournalWriter, generation: int) -> None:
         """
-        self.compacting = True
-        return self._compactionSteps(crashpoint, chunk)
+        From now on append to ``writer``, the new, empty journal ``generation``.
 
-    def _compactionSteps(self, crashpoint: compaction.Crashpoint, chunk: int) -> Iterator[compaction.Blocking | None]:
-        generation = self.generation + 1
-        created: list[JournalWriter] = []
+        The current journal gets an end record naming its successor, so
+        that recovery can tell it was not cut short, and is synced, in
+        line, so that everything it holds is durable before anything goes
+        to the new one.  If either fails, the store turns read-only and
+        nothing switches.
+        """
         try:
-            yield compaction.Blocking(lambda: created.append(createJournal(self.dirpath, generation, crashpoint)))
-            crashpoint("new journal durable")
-            yield compaction.Blocking(self.writer.sync)
-            self.sync()
-            crashpoint("old journal synced")
-            # The switch: from here on, journal N+1 holds every change.
-            old, self.writer = self.writer, created.pop()
-            self._olderJournalBytes += old.size
-            old.close()
-            self.generation = generation
-            parts = self.store.keyParts()
-            yield from compaction.snapshotSteps(self.dirpath, generation, parts, self.store.get, crashpoint, chunk)
-            self.snapshotSize = os.path.getsize(os.path.join(self.dirpath, snapshotName(generation)))
-            self._olderJournalBytes = 0
-        finally:
-            self.compacting = False
-            for unused in created:
-                # Stopped before the switch: the empty new journal stays, and
-                # recovery replays it (empty) after the current one.
-                unused.close()
+            self.writer.append(encodeEnd(generation))
+        except JournalWriteError as e:
+            self.turnReadOnly(f"journal write failed: {e}")
+            raise
+        self.sync()
+        old, self.writer = self.writer, writer
+        self.olderJournalBytes += old.size
+        old.close()
+        self.generation = generation
 
-
-def _loadedStore(data: dict[int, int]) -> Store:
-    """A new ``Store`` holding ``data``, filled in bulk."""
-    store = Store()
-    store.load(data.items(), len(data))
-    return store
-
+    def snapshotWritten(self, size: int) -> None:
+        """The snapshot of the current generation is in place: older journals no longer count."""
+        self.snapshotSize = size
+        self.olderJournalBytes = 0
 

@@ -2,8 +2,13 @@
 
 ``kvtwist.storage.journal`` says what a record is; this module writes
 records to a file, one ``write`` each, and syncs the file when told to.
-When to sync is the fsync policy's decision (``kvtwist.storage.durability``).
-No Twisted imports.
+When to sync is the fsync policy's decision (``kvtwist.storage.fsync``).
+
+The writer is the one owner of "this journal is broken": once a write or
+an fsync of its file has failed, no later fsync of it is trusted.  Linux
+reports a writeback error to one fsync only, so a retry, or another
+thread's fsync of the same file, may return success for data that never
+reached the disk.  No Twisted imports.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import threading
 
 class JournalWriteError(Exception):
     """Appending to the journal failed; the record is not in the journal."""
+
+
+class JournalSyncError(OSError):
+    """The journal cannot be made durable: this fsync, or an earlier write or fsync of it, failed."""
 
 
 class JournalWriter:
@@ -30,14 +39,19 @@ class JournalWriter:
         self.path = path
         self._fd = fd
         self.size = size
+        # Why this file can never again be trusted to be durable, if it can't.
+        self.failure: str | None = None
         self._lock = threading.Lock()
+        # One fsync of the file at a time, so that an error is always
+        # recorded before another fsync starts (see the module docstring).
+        self._syncLock = threading.Lock()
         self._syncing = 0
         self._closing = False
 
     @classmethod
     def open(cls, path: str) -> "JournalWriter":
         """Open an existing journal (already checked by recovery) for appending."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         return cls(path, fd, os.fstat(fd).st_size)
 
     def append(self, record: bytes) -> None:
@@ -47,6 +61,7 @@ class JournalWriter:
             while written < len(record):
                 written += os.write(self._fd, record[written:])
         except OSError as e:
+            self._fail(f"journal write failed: {e.strerror or e}")
             self._undoPartial()
             raise JournalWriteError(e.strerror or str(e)) from e
         self.size += len(record)
@@ -61,11 +76,18 @@ class JournalWriter:
         except OSError:
             pass
 
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = reason
+
     def sync(self) -> None:
         """Make every record written so far durable (fdatasync where available).
 
-        Safe to call from another thread while appends go on: what was
-        written before the call is durable when it returns.  After
+        Returns only if it did: it raises ``JournalSyncError`` when this
+        fsync fails, and also, after any earlier failed write or fsync of
+        the file, every time (it still asks the disk, but promises nothing).
+        Safe to call from another thread while appends go on.  After
         ``close`` it does nothing: closing syncs first.
         """
         with self._lock:
@@ -73,7 +95,13 @@ class JournalWriter:
                 return
             self._syncing += 1
         try:
-            _datasync(self._fd)
+            with self._syncLock:
+                try:
+                    _datasync(self._fd)
+                except OSError as e:
+                    self._fail(f"journal fsync failed: {e.strerror or e}")
+                if self.failure is not None:
+                    raise JournalSyncError(self.failure)
         finally:
             with self._lock:
                 self._syncing -= 1

@@ -1,51 +1,45 @@
-"""The shared key-value store: plain Python, no Twisted, so it can be tested and reused alone."""
+"""The in-memory store: plain Python, no Twisted, so it can be tested and reused alone."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
+from kvtwist.storage.interface import Batch, IReplyTarget
 from kvtwist.storage.intmap import IntMap
 
 
-class StoreError(Exception):
-    """A request the store refuses as a whole; its text becomes the client's ``Error:`` reply."""
-
-
-class Store:
+class MemoryStore:
     """
-    A map from signed 64-bit integers to signed 64-bit integers.
+    The ``IStore`` that keeps everything in memory and answers at once.
 
     Every method is atomic with respect to the others simply because the
     server is single-threaded: one request runs to completion before the
-    next starts. Keys and values are already validated ints when they
-    arrive here; range checks belong to the protocol.
+    next starts. Nothing here is ever waited for, so the batch is only
+    passed through.
 
     The entries live in an ``IntMap`` rather than a dict: about a third of
     the memory per key (docs/performance.md).
     """
 
-    def __init__(self) -> None:
-        self._data = IntMap()
+    def __init__(self, data: IntMap | None = None) -> None:
+        """``data``, if given, becomes the store's contents (recovery fills one)."""
+        self._data = IntMap() if data is None else data
 
-    def put(self, key: int, value: int) -> bool:
-        """Store ``value`` under ``key`` unless the key exists; True if it was stored."""
+    def put(self, key: int, value: int, batch: Batch) -> bool:
         return self._data.put(key, value)
 
-    def get(self, key: int) -> int | None:
-        """The value under ``key``, or None when there is none."""
+    def get(self, key: int, batch: Batch) -> int | None:
         return self._data.get(key)
 
-    def delete(self, key: int) -> bool:
-        """Remove ``key``; True if it was there."""
+    def delete(self, key: int, batch: Batch) -> bool:
         return self._data.delete(key)
+
+    def deliver(self, target: IReplyTarget, batch: Batch) -> None:
+        target.sendReplies(batch)
 
     def items(self) -> Iterator[tuple[int, int]]:
         """Every (key, value) pair, in no particular order."""
         return self._data.items()
-
-    def load(self, pairs: Iterable[tuple[int, int]], count: int) -> None:
-        """Fill an empty store with ``count`` pairs of distinct keys, faster than ``put`` one by one."""
-        self._data.load(pairs, count)
 
     def keyParts(self) -> Iterator[list[int]]:
         """

@@ -12,11 +12,14 @@ Layout (all integers little-endian)::
     entries = count * (key i64 | value i64)
     trailer = 0 u32 | crc32(total) u32 | total u64
 
-The trailer says the snapshot is complete and how many entries it holds.
+The trailer says the snapshot is complete and how many entries it holds;
+recovery also reads it first, to size the map for them.  The format is
+still version 1 (journals are at version 2).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import sys
@@ -24,16 +27,21 @@ import zlib
 from array import array
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable, MutableMapping
+from typing import BinaryIO, Iterable, Iterator
 
-from kvtwist.storage.journal import HEADER_SIZE, decodeHeader, encodeHeader
+from kvtwist.storage.datadir import createPrivateFile, writeAll
+from kvtwist.storage.journal import HEADER_SIZE, ReplayTarget, decodeHeader, encodeHeader, openNoFollow
 
 MAGIC = b"KVTWSNAP"
+VERSION = 1
 MAX_BLOCK = 65536
 
 _BLOCK = struct.Struct("<II")
 _TOTAL = struct.Struct("<Q")
+_TRAILER_SIZE = _BLOCK.size + _TOTAL.size
 _ENTRY_SIZE = 16
+# Blocks are checked, then loaded, this many bytes (whole entries) at a time.
+_PIECE = 4096 * _ENTRY_SIZE
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -60,7 +68,7 @@ def encodeTrailer(total: int) -> bytes:
 def encodeSnapshot(generation: int, pairs: Iterable[tuple[int, int]]) -> bytes:
     """Return a whole snapshot in one piece (for small stores and tests)."""
     pairs = list(pairs)
-    return encodeHeader(MAGIC, generation) + encodeBlock(pairs) + encodeTrailer(len(pairs))
+    return encodeHeader(MAGIC, generation, VERSION) + encodeBlock(pairs) + encodeTrailer(len(pairs))
 
 
 @dataclass(frozen=True)
@@ -81,18 +89,42 @@ class SnapshotScan:
     detail: str = ""
 
 
-def readSnapshot(path: str, into: MutableMapping[int, int] | None) -> SnapshotScan:
-    """Read a snapshot file, loading the entries of its good blocks into ``into``."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return load(path, data, into)
+def readSnapshot(path: str, into: ReplayTarget | None) -> SnapshotScan:
+    """Read a snapshot file a block at a time, loading the entries of its good blocks into ``into``.
+
+    A symbolic link is refused (``OSError``, ``ELOOP``).
+    """
+    with openNoFollow(path) as f:
+        return _scan(path, f, os.fstat(f.fileno()).st_size, into)
 
 
-def load(path: str, data: bytes, into: MutableMapping[int, int] | None) -> SnapshotScan:
+def load(path: str, data: bytes, into: ReplayTarget | None) -> SnapshotScan:
     """Check a snapshot's bytes, loading the entries of its good blocks into ``into``."""
-    generation = decodeHeader(path, data, MAGIC)
-    view = memoryview(data)
-    size = len(data)
+    return _scan(path, io.BytesIO(data), len(data), into)
+
+
+def claimedEntries(path: str) -> int | None:
+    """How many entries the trailer of the snapshot at ``path`` says it holds; None without a good trailer.
+
+    Only a hint, for sizing a map before reading: the blocks are checked
+    against it when the snapshot is read.
+    """
+    with openNoFollow(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_SIZE + _TRAILER_SIZE:
+            return None
+        f.seek(size - _TRAILER_SIZE)
+        trailer = f.read(_TRAILER_SIZE)
+    count, crc = _BLOCK.unpack_from(trailer)
+    packed = trailer[_BLOCK.size :]
+    if count != 0 or crc != zlib.crc32(packed):
+        return None
+    (total,) = _TOTAL.unpack(packed)
+    return total if total * _ENTRY_SIZE <= size else None
+
+
+def _scan(path: str, source: BinaryIO, size: int, into: ReplayTarget | None) -> SnapshotScan:
+    generation, _ = decodeHeader(path, source.read(HEADER_SIZE), MAGIC, (VERSION,))
     offset = HEADER_SIZE
     total = 0
 
@@ -100,33 +132,63 @@ def load(path: str, data: bytes, into: MutableMapping[int, int] | None) -> Snaps
         return SnapshotScan(path, generation, total, offset, size, complete, detail)
 
     while True:
-        if size - offset < _BLOCK.size:
+        head = source.read(_BLOCK.size)
+        if len(head) < _BLOCK.size:
             return result(False, "snapshot ends before its trailer")
-        count, crc = _BLOCK.unpack_from(view, offset)
+        count, crc = _BLOCK.unpack(head)
         if count == 0:
-            packed = view[offset + _BLOCK.size : offset + _BLOCK.size + _TOTAL.size]
+            packed = source.read(_TOTAL.size)
             if len(packed) < _TOTAL.size or crc != zlib.crc32(packed):
                 return result(False, "bad snapshot trailer")
             (claimed,) = _TOTAL.unpack(packed)
             if claimed != total:
                 return result(False, f"trailer counts {claimed} entries, blocks hold {total}")
-            if offset + _BLOCK.size + _TOTAL.size != size:
+            if source.read(1):
                 return result(False, "unexpected bytes after the snapshot trailer")
             offset = size
             return result(True)
         start = offset + _BLOCK.size
-        payload = view[start : start + count * _ENTRY_SIZE]
-        if count > MAX_BLOCK or len(payload) < count * _ENTRY_SIZE or crc != zlib.crc32(payload):
+        # A count beyond the limit is damage: never read that much on its word.
+        if count > MAX_BLOCK or _blockChecksum(source, count * _ENTRY_SIZE) != crc:
             return result(False, "block checksum mismatch")
         if into is not None:
-            flat = array("q")
-            flat.frombytes(payload)
-            if _BIG_ENDIAN:
-                flat.byteswap()
-            it = iter(flat)
-            into.update(zip(it, it))
+            # Read again, now that the block is known good: only a piece
+            # of it is ever held in memory.
+            source.seek(start)
+            _loadBlock(source, count * _ENTRY_SIZE, into)
         total += count
         offset = start + count * _ENTRY_SIZE
+
+
+def _pieces(source: BinaryIO, length: int) -> Iterator[bytes]:
+    """The next ``length`` bytes of ``source`` in pieces; fewer if it ends first."""
+    while length > 0:
+        piece = source.read(min(length, _PIECE))
+        if not piece:
+            return
+        length -= len(piece)
+        yield piece
+
+
+def _blockChecksum(source: BinaryIO, length: int) -> int | None:
+    """The CRC32 of the next ``length`` bytes; None if the file ends first."""
+    crc, seen = 0, 0
+    for piece in _pieces(source, length):
+        crc = zlib.crc32(piece, crc)
+        seen += len(piece)
+    return crc if seen == length else None
+
+
+def _loadBlock(source: BinaryIO, length: int, into: ReplayTarget) -> None:
+    for piece in _pieces(source, length):
+        if _BIG_ENDIAN:
+            flat = array("q")
+            flat.frombytes(piece)
+            flat.byteswap()
+            numbers = iter(flat)
+        else:
+            numbers = iter(memoryview(piece).cast("q"))
+        into.update(zip(numbers, numbers))
 
 
 class SnapshotWriter:
@@ -134,21 +196,25 @@ class SnapshotWriter:
 
     The caller writes blocks, then ``finish`` (trailer) and ``sync``;
     ``close`` always.  It never renames: making the file visible is the
-    compaction's step.
+    compaction's step.  The file must not exist yet: a file or a symbolic
+    link already at ``path`` makes the constructor fail (``FileExistsError``)
+    rather than write through it.
     """
 
     def __init__(self, path: str, generation: int) -> None:
         self.path = path
         self.entries = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(path, flags, 0o644)
+        self._fd = createPrivateFile(path)
         self.size = 0
-        self._write(encodeHeader(MAGIC, generation))
+        try:
+            self._write(encodeHeader(MAGIC, generation, VERSION))
+        except BaseException:
+            self.close()
+            os.remove(path)
+            raise
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        writeAll(self._fd, data)
         self.size += len(data)
 
     def write(self, pairs: list[tuple[int, int]]) -> None:

@@ -1,0 +1,141 @@
+"""Parsing the kvstore plugin's command-line values: each coercer gives a one-line usage error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python import usage
+
+from kvtwist.storage.fsync import FSYNC_POLICIES
+
+DEFAULT_PORT = "5000"
+# Twisted's default backlog of 50 overflows when hundreds of clients connect
+# at once: the kernel drops their SYNs and they retry a second or more later.
+# 511 is what Redis and nginx use; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 511
+# A Unix socket is otherwise created 666, open to every local user, and the
+# server has no authentication.
+UNIX_SOCKET_MODE = "600"
+_TAKES_BACKLOG = ("tcp", "tcp6", "unix", "ssl")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """One place to listen, as ``--port`` asked for it."""
+
+    # A Twisted server endpoint description, as the user gave it (a bare port
+    # spelt out); messages quote it.
+    description: str
+    # The ::1 half of a bare port: a machine without IPv6 has no such
+    # address, which is no reason not to serve on 127.0.0.1.
+    skipIfUnavailable: bool = False
+
+    @property
+    def endpointDescription(self) -> str:
+        """The description to listen with: ``description`` plus kvtwist's defaults."""
+        return withServerDefaults(self.description)
+
+
+def listenAddresses(port: str) -> list[ListenAddress]:
+    """
+    Where one ``--port`` value asks to listen.
+
+    A bare number N is what people type for a quick server, so it means
+    loopback only, 127.0.0.1 and ::1: the server has no authentication, and
+    being reachable from other machines has to be asked for (``tcp:N``).
+    Anything else is a Twisted server endpoint description.
+    """
+    port = port.strip()
+    if not (port.isascii() and port.isdigit()):
+        return [ListenAddress(port)]
+    number = int(port)
+    if number > 65535:
+        raise usage.UsageError(f"--port {port} is not a port number (0 to 65535)")
+    return [
+        ListenAddress(f"tcp:{number}:interface=127.0.0.1"),
+        ListenAddress(f"tcp6:{number}:interface=\\:\\:1", skipIfUnavailable=True),
+    ]
+
+
+def withServerDefaults(description: str) -> str:
+    """
+    ``description`` with the safe defaults it does not override.
+
+    A listen backlog of ``LISTEN_BACKLOG`` for the endpoint types that take
+    one, and mode ``UNIX_SOCKET_MODE`` (octal, as Twisted's ``mode=`` reads
+    it) for a Unix socket.
+    """
+    fields = _fields(description)
+    given = {_keyword(field) for field in fields[1:]}
+    kind = fields[0].lower()
+    defaults = []
+    if kind in _TAKES_BACKLOG and "backlog" not in given:
+        defaults.append(f"backlog={LISTEN_BACKLOG}")
+    if kind == "unix" and "mode" not in given:
+        defaults.append(f"mode={UNIX_SOCKET_MODE}")
+    return ":".join([description, *defaults])
+
+
+def _fields(description: str) -> list[str]:
+    """Split an endpoint description at its colons; a backslash escapes the next character."""
+    fields, current, chars = [], "", iter(description)
+    for char in chars:
+        if char == "\\":
+            current += char + next(chars, "")
+        elif char == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    return fields
+
+
+def _keyword(field: str) -> str | None:
+    """The name of a ``name=value`` field, or None for a positional one."""
+    escaped = False
+    for i, char in enumerate(field):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "=":
+            return field[:i]
+    return None
+
+
+def positiveInt(what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError(f"--{what} must be a whole number, not {text!r}")
+        if value < 1:
+            raise usage.UsageError(f"--{what} must be at least 1")
+        return value
+
+    parse.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--idle-timeout must be a number of seconds, not {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise usage.UsageError("--idle-timeout must be 0 (never) or a positive number of seconds")
+    return value
+
+
+seconds.coerceDoc = "Seconds; 0 means never."  # type: ignore[attr-defined]
+
+
+def fsyncPolicy(text: str) -> str:
+    if text not in FSYNC_POLICIES:
+        raise usage.UsageError(f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, not {text!r}")
+    return text
+
+
+fsyncPolicy.coerceDoc = "always: no reply before its write is on disk; everysec: at most a second lost on power loss; no: the OS decides."  # type: ignore[attr-defined]
