@@ -406,6 +406,9 @@ def test_quick_comparison_of_two_trees_end_to_end(tmp_path: Path, buildDir: Path
         rounds = [(m["round"], m["server"]) for m in results["measurements"] if m["scenario"] == key]
         # Interleaved, and neither tree always goes first.
         assert rounds == [(0, "kvtwist-baseline"), (0, "kvtwist"), (1, "kvtwist"), (1, "kvtwist-baseline")]
+        # Each round on new processes: a process's own luck is not measured twice.
+        pids = [m["pid"] for m in results["measurements"] if m["scenario"] == key]
+        assert len(set(pids)) == 4 and 0 not in pids
         [row] = [r for r in results["summary"] if r["scenario"] == key and r["server"] == "kvtwist"]
         assert row["against"] == "kvtwist-baseline" and len(row["roundRatios"]["rps"]) == 2
         assert 0 < row["ratios"]["rps"] < 100 and 0 < row["ratios"]["cpu"] < 100

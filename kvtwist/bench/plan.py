@@ -41,7 +41,8 @@ class Scenario:
 
     A ``memory`` scenario starts fresh servers each round, fills the whole
     keyspace once and reports resident bytes per key; the others start their
-    servers once, fill the keyspace, then alternate the servers round by round.
+    servers once, fill the keyspace, then alternate the servers round by round,
+    or, with ``freshServers``, start them anew each round.
     """
 
     key: str
@@ -56,6 +57,11 @@ class Scenario:
     # Reverse the servers' order every other round (A B, B A, ...), so that
     # neither always runs first: two trees of one server differ by little.
     alternate: bool = False
+    # New server processes every round. A process's own luck (where its
+    # memory landed, its hash seed) moves its CPU per request by a few
+    # percent for its whole life; comparing two trees of one server, that is
+    # as big as what is measured, so each round draws it anew.
+    freshServers: bool = False
 
 
 # The floors show how close to the target any kvtwist could get (kvtwist.bench.floor).
@@ -74,7 +80,7 @@ def treeScenarios(load: Load, rounds: int, deep: int = 16) -> list[Scenario]:
     return [
         Scenario(key, f"{load.connections} conns, depth {depth}, this tree against the baseline",
                  replace(load, depth=depth), _TREES, rounds=rounds, targets=(REGRESSION,),
-                 against=AGAINST_TREE, alternate=True)
+                 against=AGAINST_TREE, alternate=True, freshServers=True)
         for key, depth in zip(TREE_KEYS, (1, deep))
     ]
 

@@ -40,6 +40,7 @@ class Measurement:
     connections: int
     keys: int  # keys written by a memory scenario, else 0
     histogram: list[tuple[float, int]] = field(default_factory=list)
+    pid: int = 0  # the server process measured
 
     @property
     def memPerConnection(self) -> float:
@@ -78,6 +79,7 @@ def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Pat
         rssBefore=before.rss,
         rssPeak=max(peak, after.rss),
         rssAfter=after.rss,
+        pid=server.pid,
         connections=load.connections + load.idle,
         keys=load.keyspace if load.fill else 0,
         histogram=result.histogram,
@@ -120,16 +122,39 @@ def runScenario(
                     server.stop()
         return results
 
-    running: list[servers.Server] = []
-    try:
-        for kind in scenario.servers:
-            running.append(servers.start(kind, options))
+    def prime(started: list[servers.Server]) -> None:
         prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
         warm = replace(scenario.load, idle=0, warmup=0, duration=serverWarmup)
-        for server in running:
+        for server in started:
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
             if serverWarmup:
                 loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
+
+    def startAll() -> list[servers.Server]:
+        running: list[servers.Server] = []
+        try:
+            for kind in scenario.servers:
+                running.append(servers.start(kind, options))
+            prime(running)
+        except BaseException:
+            for server in running:
+                server.stop()
+            raise
+        return running
+
+    if scenario.freshServers:
+        for round in range(scenario.rounds):
+            running = startAll()
+            try:
+                for server in roundOrder(running, round, scenario.alternate):
+                    record(server, round)
+            finally:
+                for server in running:
+                    server.stop()
+        return results
+
+    running = startAll()
+    try:
         for round in range(scenario.rounds):
             for server in roundOrder(running, round, scenario.alternate):
                 record(server, round)
