@@ -7,13 +7,13 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from kvtwist.server.arguments import DEFAULT_PORT, fsyncPolicy, listenAddresses, positiveInt, seconds
+from kvtwist.server.arguments import DEFAULT_PORT, listenAddresses, oneOf, passwordFile, positiveInt, seconds
 from kvtwist.server.factory import DEFAULT_MAX_CONNECTIONS, KVFactory
 from kvtwist.server.listening import listeningService
-from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
+from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT
 from kvtwist.storage.datadir import DataDirLocked
 from kvtwist.storage.durable import DurableService, DurableStore
-from kvtwist.storage.fsync import DEFAULT_FSYNC
+from kvtwist.storage.fsync import DEFAULT_FSYNC, FSYNC_POLICIES
 from kvtwist.storage.interface import IStore
 from kvtwist.storage.journaled import openDirectory
 from kvtwist.storage.memory import MemoryStore
@@ -24,9 +24,14 @@ class Options(usage.Options):
     optParameters = [
         ["max-request", None, DEFAULT_MAX_REQUEST, "Longest request accepted, in bytes.", positiveInt("max-request")],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Most connections served at once.", positiveInt("max-connections")],
-        ["idle-timeout", None, 0.0, "Close connections idle for this many seconds.", seconds],
+        ["idle-timeout", None, 0.0, "Close connections that send no request for this many seconds.", seconds("idle-timeout")],
+        ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT, "Close a connection whose request is not complete this many seconds after its first byte (a TLS handshake too).", seconds("request-timeout")],
+        ["password-file", None, None, "Require clients to send auth PASSWORD first, with the password on this file's one line.", passwordFile],
+        ["max-keys", None, None, "Refuse puts of new keys once this many are stored (Error: store is full); without it, no limit.", positiveInt("max-keys")],
         ["data", "d", None, "Keep the data in this directory (journal and snapshots); without it, memory only."],
-        ["fsync", None, DEFAULT_FSYNC, "With --data, when the journal is forced to disk: always, everysec or no.", fsyncPolicy],
+        ["fsync", None, DEFAULT_FSYNC, "With --data, when the journal is forced to disk: always, everysec or no.",
+         oneOf("fsync", FSYNC_POLICIES, "always: no reply before its write is on disk; everysec: at most a second lost "
+               "on power loss; no: the OS decides.")],
     ]
 
     def __init__(self) -> None:
@@ -61,7 +66,7 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
     durable: DurableService | None = None
     if config["data"]:
         try:
-            opened = openDirectory(config["data"])
+            opened = openDirectory(config["data"], config["max-keys"])
         except (DataDirLocked, RecoveryError) as e:
             raise SystemExit(f"kvstore: cannot start: {e}")
         except OSError as e:
@@ -69,16 +74,19 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
         store = DurableStore(opened, config["fsync"], reactor)
         durable = DurableService(store)
     else:
-        store = MemoryStore()
+        store = MemoryStore(maxKeys=config["max-keys"])
     factory = KVFactory(
         store,
         maxRequest=config["max-request"],
         maxConnections=config["max-connections"],
         idleTimeout=config["idle-timeout"],
+        requestTimeout=config["request-timeout"],
+        password=config["password-file"],
+        reactor=reactor,
     )
-    # No authentication exists yet, so the listeners warn about every address
-    # that other machines can reach.
-    listening = listeningService(reactor, config["port"], factory, authenticated=False)
+    # Without a password the listeners warn about every address that other
+    # machines can reach.
+    listening = listeningService(reactor, config["port"], factory, authenticated=config["password-file"] is not None)
     if durable is None:
         return listening
     # MultiService stops its children in reverse order: stop listening

@@ -284,7 +284,7 @@ def test_the_baseline_kind_runs_the_baseline_tree(tmp_path: Path) -> None:
         try:
             assert _request(server.port, b"put 5 6\n") == b"OK\n"
             assert _request(server.port, b"get 5\n") == b"6\n"
-            assert ("imported from the baseline tree" in server.log_text()) == fromTree
+            assert ("imported from the baseline tree" in server.logText()) == fromTree
         finally:
             server.stop()
 
@@ -324,7 +324,7 @@ def test_a_baseline_tree_in_the_old_layout_serves(tmp_path: Path) -> None:
         assert _request(server.port, b"put 1 2\n") == b"OK\n"
         assert _request(server.port, b"get 1\n") == b"2\n"
         # The old tree's factory logs under its old module name.
-        assert "[kvtwist.protocol.KVFactory" in server.log_text()
+        assert "[kvtwist.protocol.KVFactory" in server.logText()
     finally:
         server.stop()
 
@@ -346,7 +346,7 @@ def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
             reply = b""
             while reply.count(b"\n") < 3:
                 chunk = s.recv(100)
-                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.log_text()}"
+                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.logText()}"
                 reply += chunk
             s.sendall(b"\n")
             reply += s.recv(100)

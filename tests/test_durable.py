@@ -77,7 +77,7 @@ def serve(tmp_path, fsync: str, runBlocking=defer.maybeDeferred, **kwargs) -> tu
     store = DurableStore(openDirectory(str(tmp_path)), fsync, clock, runBlocking=runBlocking, **kwargs)
     durable = DurableService(store)
     durable.startService()
-    return durable, KVFactory(store), clock
+    return durable, KVFactory(store, reactor=clock), clock
 
 
 def recoveredState(path) -> dict[int, int]:
@@ -571,3 +571,16 @@ def test_close_does_not_count_a_retried_fsync_as_durable(tmp_path, monkeypatch) 
     assert any(
         e["log_level"] == LogLevel.critical and "final fsync" in e["log_format"] for e in events
     ), "the operator is told that the last writes may not be on disk"
+
+
+def test_a_full_store_journals_nothing_and_says_so(tmp_path) -> None:
+    clock = Clock()
+    store = DurableStore(openDirectory(str(tmp_path), maxKeys=1), "everysec", clock, runBlocking=defer.maybeDeferred)
+    proto, transport = connect(KVFactory(store, reactor=clock))
+    proto.dataReceived(b"put 1 1\nput 2 2\nput 1 3\ndel 1\nput 2 2\n")
+    assert transport.value() == b"OK\nError: store is full\nKey already exists\nOK\nOK\n"
+    store.close()
+    assert recoveredState(tmp_path) == {2: 2}
+    reopened = openDirectory(str(tmp_path), maxKeys=1)
+    assert reopened.memory.full, "the limit holds after a restart"
+    reopened.lock.release()

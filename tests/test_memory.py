@@ -76,3 +76,20 @@ def test_it_is_a_store_that_delivers_at_once_and_waits_for_nothing() -> None:
     assert store.put(1, 2, batch) and store.get(1, batch) == 2
     store.deliver(target, batch)
     assert target.sent == [batch] and batch.waitFor == 0
+
+
+def test_a_full_store_refuses_new_keys_only() -> None:
+    import pytest
+
+    from kvtwist.storage.interface import StoreError
+
+    store = MemoryStore(maxKeys=2)
+    assert store.put(1, 1, Batch()) and store.put(2, 2, Batch())
+    assert store.full
+    with pytest.raises(StoreError, match="store is full"):
+        store.put(3, 3, Batch())
+    assert store.put(1, 5, Batch()) is False, "an existing key still says so"
+    assert store.get(1, Batch()) == 1 and len(store) == 2
+    assert store.delete(2, Batch())
+    assert not store.full and store.put(3, 3, Batch())
+    assert sorted(store.items()) == [(1, 1), (3, 3)]

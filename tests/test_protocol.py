@@ -28,7 +28,7 @@ class CountingTransport(StringTransport):
 
 
 def connect(factory: KVFactory | None = None) -> tuple[KVProtocol, CountingTransport]:
-    factory = factory or KVFactory(MemoryStore())
+    factory = factory or KVFactory(MemoryStore(), reactor=Clock())
     proto = factory.buildProtocol(None)
     transport = CountingTransport()
     proto.makeConnection(transport)
@@ -86,7 +86,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("request_", BAD_REQUESTS)
 def test_bad_input(request_: bytes) -> None:
-    factory = KVFactory(MemoryStore())
+    factory = KVFactory(MemoryStore(), reactor=Clock())
     factory.store.put(1, 5, Batch())
     proto, transport = connect(factory)
     proto.dataReceived(request_ + b"\nget 1\n")
@@ -122,7 +122,7 @@ def test_bye_closes_connection() -> None:
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_at_the_limit_is_served(limit: int) -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=limit)
+    factory = KVFactory(MemoryStore(), maxRequest=limit, reactor=Clock())
     request = b"get " + b"0" * (limit - 5) + b"1"
     assert len(request) == limit
     assert run(request + b"\r\n", factory) == b"Key not found\n"
@@ -130,7 +130,7 @@ def test_request_at_the_limit_is_served(limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_over_the_limit_closes(limit: int) -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=limit)
+    factory = KVFactory(MemoryStore(), maxRequest=limit, reactor=Clock())
     proto, transport = connect(factory)
     proto.dataReceived(b"put 1 2\nget " + b"0" * (limit - 3) + b"1\nput 3 4\n")
     assert transport.value() == b"OK\nError: request too long\n"
@@ -139,7 +139,7 @@ def test_request_over_the_limit_closes(limit: int) -> None:
 
 
 def test_unfinished_request_over_the_limit_closes_at_once() -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=100)
+    factory = KVFactory(MemoryStore(), maxRequest=100, reactor=Clock())
     proto, transport = connect(factory)
     proto.dataReceived(b"get 1\n" + b"9" * 60)
     assert transport.value() == b"Key not found\n"
@@ -149,7 +149,7 @@ def test_unfinished_request_over_the_limit_closes_at_once() -> None:
 
 
 def test_long_request_does_not_disturb_other_clients() -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=64)
+    factory = KVFactory(MemoryStore(), maxRequest=64, reactor=Clock())
     noisy, noisyTransport = connect(factory)
     quiet, quietTransport = connect(factory)
     quiet.dataReceived(b"put 1 2\n")
@@ -212,9 +212,8 @@ def test_half_close_with_nothing_pending_closes() -> None:
 
 def test_idle_timeout() -> None:
     clock = Clock()
-    factory = KVFactory(MemoryStore(), idleTimeout=5)
+    factory = KVFactory(MemoryStore(), idleTimeout=5, reactor=clock)
     proto = factory.buildProtocol(None)
-    proto.callLater = clock.callLater  # type: ignore[method-assign]
     transport = StringTransport()
     proto.makeConnection(transport)
     clock.advance(4)
@@ -228,8 +227,7 @@ def test_idle_timeout() -> None:
 
 def test_no_idle_timeout_by_default() -> None:
     clock = Clock()
-    proto = KVFactory(MemoryStore()).buildProtocol(None)
-    proto.callLater = clock.callLater  # type: ignore[method-assign]
+    proto = KVFactory(MemoryStore(), reactor=clock).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
     clock.advance(10**6)
@@ -238,7 +236,7 @@ def test_no_idle_timeout_by_default() -> None:
 
 
 def test_too_many_connections() -> None:
-    factory = KVFactory(MemoryStore(), maxConnections=2)
+    factory = KVFactory(MemoryStore(), maxConnections=2, reactor=Clock())
     first, _ = connect(factory)
     connect(factory)
     refused = factory.buildProtocol(None)
@@ -280,7 +278,7 @@ class HeldStore(MemoryStore):
 
 def test_replies_and_close_wait_for_the_store() -> None:
     store = HeldStore()
-    proto, transport = connect(KVFactory(store))
+    proto, transport = connect(KVFactory(store, reactor=Clock()))
     proto.dataReceived(b"put 1 2\n")
     proto.dataReceived(b"get 1\nBye\n")
     assert transport.value() == b""
@@ -334,3 +332,164 @@ def test_any_split_gives_the_same_replies(script: bytes, cuts: list[int]) -> Non
     assert transport.value() == whole
     # Every request that is not blank gets exactly one reply line.
     assert whole.count(b"\n") == len([r for r in re.split(rb"\r?\n|\0", script) if r.strip()])
+
+
+# Connections that always end (a Clock drives every timer).
+
+def clocked(**options) -> tuple[KVProtocol, StringTransport, Clock]:
+    clock = Clock()
+    proto = KVFactory(MemoryStore(), reactor=clock, **options).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock
+
+
+def test_an_unfinished_request_has_the_request_timeout_from_its_first_byte() -> None:
+    proto, transport, clock = clocked(requestTimeout=30)
+    proto.dataReceived(b"get 1\nput 1")
+    for _ in range(29):
+        clock.advance(1)
+        proto.dataReceived(b" ")  # a byte a second keeps nothing alive
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.value() == b"Key not found\nError: request timeout\n"
+    assert transport.disconnecting
+
+
+def test_a_finished_request_stops_the_request_clock() -> None:
+    proto, transport, clock = clocked(requestTimeout=30)
+    proto.dataReceived(b"put 1")
+    clock.advance(20)
+    proto.dataReceived(b" 2\nget")
+    clock.advance(20)
+    assert not transport.disconnecting, "the second request began 20 s ago"
+    proto.dataReceived(b" 1\n")
+    clock.advance(100)
+    assert not transport.disconnecting, "nothing is unfinished"
+    assert transport.value() == b"OK\n2\n"
+    assert not clock.getDelayedCalls()
+
+
+def test_blank_lines_do_not_keep_a_connection_from_idling_out() -> None:
+    proto, transport, clock = clocked(idleTimeout=5)
+    for _ in range(6):
+        clock.advance(1)
+        proto.dataReceived(b"\n")
+    assert transport.value() == b"Error: idle timeout\n"
+
+
+def test_a_tls_handshake_has_the_time_of_a_request() -> None:
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    clock = Clock()
+    factory = KVFactory(MemoryStore(), reactor=clock, requestTimeout=10)
+    silent, finished = factory.buildProtocol(None), factory.buildProtocol(None)
+    silentTransport, finishedTransport = StringTransport(), StringTransport()
+    for proto, transport in ((silent, silentTransport), (finished, finishedTransport)):
+        directlyProvides(transport, ISSLTransport)
+        proto.makeConnection(transport)
+    finished.handshakeCompleted()
+    clock.advance(10)
+    assert silentTransport.value() == b"Error: request timeout\n" and silentTransport.disconnecting
+    assert not finishedTransport.disconnecting
+
+
+@pytest.mark.parametrize("ending", [b"Bye\n", b"x" * 5000, b"get 1\n" + b"y" * 5000])
+def test_a_connection_the_server_ends_is_aborted_after_a_grace_period(ending: bytes) -> None:
+    from kvtwist.server.protocol import CLOSE_GRACE
+
+    proto, transport, clock = clocked()
+    proto.dataReceived(ending)
+    assert transport.disconnecting and not transport.disconnected
+    clock.advance(CLOSE_GRACE)
+    assert transport.disconnected, "a client that does not take its last reply is cut off"
+
+
+def test_the_grace_period_ends_with_the_connection() -> None:
+    proto, transport, clock = clocked(idleTimeout=1)
+    clock.advance(1)
+    assert transport.value() == b"Error: idle timeout\n"
+    proto.connectionLost()
+    assert not clock.getDelayedCalls()
+
+
+def test_a_refused_connection_is_aborted_after_a_grace_period() -> None:
+    from kvtwist.server.protocol import CLOSE_GRACE
+
+    clock = Clock()
+    factory = KVFactory(MemoryStore(), maxConnections=1, reactor=clock)
+    factory.buildProtocol(None).makeConnection(StringTransport())
+    refused, transport = factory.buildProtocol(None), StringTransport()
+    refused.makeConnection(transport)
+    assert transport.value() == b"Error: too many connections\n" and not transport.disconnected
+    clock.advance(CLOSE_GRACE)
+    assert transport.disconnected
+
+
+def test_unfinished_requests_are_scanned_once(monkeypatch) -> None:
+    """Work, not time: the bytes looked at for CR/VT/FF stay linear in what was sent."""
+    import kvtwist.server.protocol as protocol
+
+    scanned = [0]
+    real = protocol._NEEDS_CARE
+
+    class Counting:
+        def search(self, data: bytes, *args: int) -> object:
+            scanned[0] += len(data)
+            return real.search(data, *args)
+
+    monkeypatch.setattr(protocol, "_NEEDS_CARE", Counting())
+    size = 1 << 20
+    proto, transport, clock = clocked(maxRequest=size + 10)
+    request = b"get " + b"0" * (size - 6) + b"1\n"
+    for start in range(0, len(request), 1000):
+        proto.dataReceived(request[start : start + 1000])
+    assert transport.value() == b"Key not found\n"
+    assert scanned[0] <= 2 * len(request)
+
+
+# Authentication
+
+AUTH_CASES = [
+    (b"get 1\n", b"Error: authentication required\n"),
+    (b"put 1 2\ndel 1\n", b"Error: authentication required\n" * 2),
+    (b"auth wrong\n", b"Error: invalid password\n"),
+    (b"auth\n", b"Error: wrong number of arguments (usage: auth PASSWORD)\n"),
+    (b"frob\n", b"Error: unknown command (expected put, get, del or Bye)\n"),
+    (b"auth s3cret\nput 1 2\nget 1\n", b"OK\nOK\n2\n"),
+    (b"AUTH s3cret\nget 1\n", b"OK\nKey not found\n"),
+    (b"bye\n", b"Goodbye\n"),
+]
+
+
+@pytest.mark.parametrize("requests, replies", AUTH_CASES)
+def test_a_password_must_come_first(requests: bytes, replies: bytes) -> None:
+    proto, transport, clock = clocked(password=b"s3cret")
+    proto.dataReceived(requests)
+    assert transport.value() == replies
+
+
+def test_wrong_passwords_end_the_connection() -> None:
+    proto, transport, clock = clocked(password=b"s3cret")
+    proto.dataReceived(b"auth a\nauth b\n")
+    assert not transport.disconnecting
+    proto.dataReceived(b"auth c\nauth s3cret\n")
+    assert transport.value() == b"Error: invalid password\n" * 3
+    assert transport.disconnecting
+
+
+def test_auth_without_a_password_set_says_so() -> None:
+    proto, transport, clock = clocked()
+    proto.dataReceived(b"auth x\nput 1 2\n")
+    assert transport.value() == b"Error: no password is set on this server\nOK\n"
+
+
+def test_a_request_on_its_way_is_not_idle() -> None:
+    proto, transport, clock = clocked(idleTimeout=5, requestTimeout=30)
+    for _ in range(8):
+        proto.dataReceived(b"0")
+        clock.advance(1)
+    proto.dataReceived(b"\n")
+    assert transport.value() == b"Error: unknown command (expected put, get, del or Bye)\n"
+    assert not transport.disconnecting

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.protocol import READ_SIZE, KVProtocol
@@ -32,8 +32,9 @@ class Pair:
             serverSock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
         serverSock.setblocking(False)
-        self.reactor = MemoryReactor()
-        self.protocol: KVProtocol = KVFactory(MemoryStore()).buildProtocol(addr)  # type: ignore[assignment]
+        self.reactor = MemoryReactorClock()
+        factory = KVFactory(MemoryStore(), reactor=self.reactor)
+        self.protocol: KVProtocol = factory.buildProtocol(addr)  # type: ignore[assignment]
         self.transport = tcp.Server(serverSock, self.protocol, addr, None, 1, self.reactor)  # type: ignore[arg-type]
         self.protocol.makeConnection(self.transport)
 
@@ -115,7 +116,9 @@ def test_reads_are_sized_for_requests_not_bulk_data(pair: Pair) -> None:
 def test_other_transports_take_the_ordinary_path() -> None:
     from twisted.internet.testing import StringTransport
 
-    protocol = KVFactory(MemoryStore()).buildProtocol(None)
+    from twisted.internet.task import Clock
+
+    protocol = KVFactory(MemoryStore(), reactor=Clock()).buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"get 1\n")

@@ -142,10 +142,53 @@ def test_idle_timeout() -> None:
     assert parse("--idle-timeout", "2.5")["idle-timeout"] == 2.5
 
 
+def test_request_timeout() -> None:
+    assert parse()["request-timeout"] == 30
+    assert parse("--request-timeout", "0.5")["request-timeout"] == 0.5
+
+
+def test_max_keys() -> None:
+    assert parse()["max-keys"] is None
+    assert parse("--max-keys", "1000")["max-keys"] == 1000
+
+
+@pytest.mark.parametrize(
+    "content, password",
+    [(b"s3cret\n", b"s3cret"), (b"s3cret", b"s3cret"), (b"s3cret\r\n", b"s3cret"), (b"\xc3\xa9t\xc3\xa9\n", "été".encode())],
+)
+def test_password_file(tmp_path: Path, content: bytes, password: bytes) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(content)
+    assert parse("--password-file", str(path))["password-file"] == password
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"two words\n", b"one\ntwo\n", b"tab\there", b"x" * 5000])
+def test_a_password_the_protocol_cannot_carry_is_a_usage_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="--password-file"):
+        parse("--password-file", str(path))
+
+
+def test_a_missing_password_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="No such file"):
+        parse("--password-file", str(tmp_path / "nowhere"))
+
+
+def test_a_password_silences_the_exposure_warning(tmp_path: Path, logged: Sequence[LogEvent]) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(b"s3cret\n")
+    svc = makeService(parse("--port", "tcp:6000", "--password-file", str(path)), reactor=MemoryReactor())
+    svc.startService()
+    assert isinstance(svc, KVService) and svc.factory.password == b"s3cret"
+    assert not [e for e in logged if "reachable from other machines" in formatEvent(e)]
+    assert not [e for e in logged if "s3cret" in formatEvent(e)], "the password is never logged"
+
+
 @pytest.mark.parametrize(
     "args",
     [("--max-request", "0"), ("--max-request", "x"), ("--max-connections", "-1"), ("--idle-timeout", "-1"),
-     ("--idle-timeout", "nan"), ("--idle-timeout", "soon")],
+     ("--idle-timeout", "nan"), ("--idle-timeout", "soon"), ("--request-timeout", "-2"), ("--max-keys", "0")],
 )
 def test_bad_numbers_are_usage_errors(args: tuple[str, str]) -> None:
     with pytest.raises(UsageError):
@@ -155,13 +198,16 @@ def test_bad_numbers_are_usage_errors(args: tuple[str, str]) -> None:
 def test_make_service_listens_with_the_configured_factory() -> None:
     reactor = MemoryReactor()
     svc = makeService(parse("--port", "tcp:6000:interface=127.0.0.1", "--max-request", "77",
-                            "--max-connections", "5", "--idle-timeout", "9"), reactor=reactor)
+                            "--max-connections", "5", "--idle-timeout", "9", "--request-timeout", "4",
+                            "--max-keys", "12"), reactor=reactor)
     assert isinstance(svc, KVService)
     svc.startService()
     [(port, factory, backlog, interface)] = reactor.tcpServers
     assert (port, interface) == (6000, "127.0.0.1")
     assert isinstance(factory, KVFactory) and factory is svc.factory
     assert (factory.maxRequest, factory.maxConnections, factory.idleTimeout) == (77, 5, 9)
+    assert factory.requestTimeout == 4 and factory.reactor is reactor and factory.password is None
+    assert factory.store.full is False and len(factory.store) == 0
     [listener] = list(svc)
     assert isinstance(listener, ListeningPort) and listener.port is not None
 

@@ -43,7 +43,7 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def log_text(self) -> str:
+    def logText(self) -> str:
         return (self.workdir / "server.log").read_text(errors="replace")
 
     def stop(self) -> None:
@@ -98,13 +98,13 @@ def _startAndWaitForLog(
 def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = pattern.search(server.log_text())
+        match = pattern.search(server.logText())
         if match:
             return int(match.group(1))
         if server.proc.poll() is not None:
             break
         time.sleep(0.05)
-    text = server.log_text()
+    text = server.logText()
     server.stop()
     raise ServerError(f"{server.kind} did not start listening:\n{text}")
 
@@ -257,7 +257,7 @@ def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
             return server
         server.proc.kill()
         server.proc.wait()
-    raise ServerError(f"redis-server did not start:\n{server.log_text()}")
+    raise ServerError(f"redis-server did not start:\n{server.logText()}")
 
 
 def _startCserver(kind: str, options: Options, workdir: Path) -> Server:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.python import usage
 
-from kvtwist.storage.fsync import FSYNC_POLICIES
 
 DEFAULT_PORT = "5000"
 # Twisted's default backlog of 50 overflows when hundreds of clients connect
@@ -119,23 +119,50 @@ def positiveInt(what: str) -> Any:
     return parse
 
 
-def seconds(text: str) -> float:
+def seconds(what: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise usage.UsageError(f"--{what} must be a number of seconds, not {text!r}")
+        if not value >= 0 or value == float("inf"):
+            raise usage.UsageError(f"--{what} must be 0 (never) or a positive number of seconds")
+        return value
+
+    parse.coerceDoc = "Seconds; 0 means never."  # type: ignore[attr-defined]
+    return parse
+
+
+# What the protocol splits requests at: a password holding one could never be sent.
+_NOT_IN_PASSWORDS = re.compile(rb"[\s\0]")
+
+
+def passwordFile(path: str) -> bytes:
+    """The password in the file ``path``: its first line, which must be all there is."""
     try:
-        value = float(text)
-    except ValueError:
-        raise usage.UsageError(f"--idle-timeout must be a number of seconds, not {text!r}")
-    if not value >= 0 or value == float("inf"):
-        raise usage.UsageError("--idle-timeout must be 0 (never) or a positive number of seconds")
-    return value
+        with open(path, "rb") as f:
+            content = f.read(4096 + 3)
+    except OSError as e:
+        raise usage.UsageError(f"--password-file {path}: {e.strerror or e}")
+    password = content[:-1] if content.endswith(b"\n") else content
+    password = password[:-1] if password.endswith(b"\r") else password
+    if not password:
+        raise usage.UsageError(f"--password-file {path} is empty")
+    if _NOT_IN_PASSWORDS.search(password) or len(password) > 4096:
+        raise usage.UsageError(
+            f"--password-file {path}: the password must be one line of at most 4096 bytes with no spaces, tabs or NULs"
+        )
+    return password
 
 
-seconds.coerceDoc = "Seconds; 0 means never."  # type: ignore[attr-defined]
+passwordFile.coerceDoc = "Its one line is the password clients send with auth."  # type: ignore[attr-defined]
 
 
-def fsyncPolicy(text: str) -> str:
-    if text not in FSYNC_POLICIES:
-        raise usage.UsageError(f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, not {text!r}")
-    return text
+def oneOf(what: str, choices: Sequence[str], doc: str) -> Any:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise usage.UsageError(f"--{what} must be one of {', '.join(choices)}, not {text!r}")
+        return text
 
-
-fsyncPolicy.coerceDoc = "always: no reply before its write is on disk; everysec: at most a second lost on power loss; no: the OS decides."  # type: ignore[attr-defined]
+    parse.coerceDoc = doc  # type: ignore[attr-defined]
+    return parse

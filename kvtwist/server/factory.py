@@ -4,11 +4,14 @@ The factory every connection shares: the store, and the limits on requests and c
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from typing import Any, cast
 
-from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvtwist.server.protocol import CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, KVProtocol, StreamTransport
 from kvtwist.storage.interface import IStore
 
 DEFAULT_MAX_CONNECTIONS = 10000
@@ -16,12 +19,19 @@ TOO_MANY = b"Error: too many connections\n"
 
 
 class _Refusal(Protocol):
-    """Tells a connection over the limit why it is being closed."""
+    """Tells a connection over the limit why it is being closed, and closes it, read or not."""
+
+    factory: KVFactory
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(TOO_MANY)
-        self.transport.loseConnection()
+        transport = cast(StreamTransport, self.transport)
+        transport.write(TOO_MANY)
+        transport.loseConnection()
+        self._abort = self.factory.reactor.callLater(CLOSE_GRACE, transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._abort.active():
+            self._abort.cancel()
 
 
 class KVFactory(Factory[Protocol]):
@@ -29,7 +39,9 @@ class KVFactory(Factory[Protocol]):
     Owns the one store that every connection shares, and the limits.
 
     The store is all the server knows of where data lives (``IStore``):
-    in memory, journaled to disk, or elsewhere.
+    in memory, journaled to disk, or elsewhere. ``reactor`` runs every
+    timer of the connections (tests pass a ``Clock``); ``password``, when
+    set, must be given with ``auth`` before anything else.
     """
 
     protocol = KVProtocol
@@ -41,11 +53,19 @@ class KVFactory(Factory[Protocol]):
         maxRequest: int = DEFAULT_MAX_REQUEST,
         maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         idleTimeout: float = 0,
+        requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
+        password: bytes | None = None,
+        reactor: Any = None,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
         self.store = store
         self.maxRequest = maxRequest
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout
+        self.requestTimeout = requestTimeout
+        self.password = password
+        self.reactor = reactor
         self.connections = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:

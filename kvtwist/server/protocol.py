@@ -9,10 +9,12 @@ description of what goes over the wire; this module implements exactly that.
 
 from __future__ import annotations
 
+import hmac
 import re
 from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, cast
 
 from twisted.internet import interfaces, tcp
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -37,7 +39,18 @@ NOT_FOUND = b"Key not found\n"
 GOODBYE = b"Goodbye\n"
 TOO_LONG = b"Error: request too long\n"
 IDLE = b"Error: idle timeout\n"
+REQUEST_TIMEOUT = b"Error: request timeout\n"
 UNKNOWN = b"Error: unknown command (expected put, get, del or Bye)\n"
+AUTH_REQUIRED = b"Error: authentication required\n"
+BAD_PASSWORD = b"Error: invalid password\n"
+NO_PASSWORD = b"Error: no password is set on this server\n"
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+# Seconds a connection the server has decided to end is given to take its
+# last replies before it is aborted.
+CLOSE_GRACE = 3.0
+# Wrong passwords before the connection is closed.
+AUTH_ATTEMPTS = 3
 
 # Bytes that only the careful path must look at: a CR may end a line, and
 # vertical tab / form feed are not separators here although bytes.split()
@@ -46,7 +59,7 @@ _NEEDS_CARE = re.compile(rb"[\r\x0b\x0c]")
 _SEPARATORS = re.compile(rb"[ \t]+")
 
 
-class _StreamTransport(TypingProtocol):
+class StreamTransport(TypingProtocol):
     """What the protocol uses of its transport: TCP, TLS and UNIX transports all offer it."""
 
     bufferSize: int
@@ -96,38 +109,62 @@ _BAD_KEY = _badInteger("key")
 _BAD_VALUE = _badInteger("value")
 
 
-@implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer)
+@implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer, interfaces.IHandshakeListener)
 class KVProtocol(Protocol, TimeoutMixin):
     """
     One client connection.
 
     Requests are split on LF (or NUL) without ever re-scanning bytes already
-    looked at, so a client that pipelines thousands of requests costs time
-    linear in what it sends. The requests of one received chunk form one
+    looked at: an unfinished request is kept in pieces until its end comes,
+    so a client costs time linear in what it sends, however long its
+    requests may be. The requests of one received chunk form one
     ``Batch``: their replies are delivered through the store together, and
     leave in a single write, in request order. The protocol is the
     batch's ``IReplyTarget``.
+
+    Every connection the server decides to end is gone within a bounded
+    time: an unfinished request has ``requestTimeout`` seconds from its
+    first byte (a TLS handshake too), and a closing connection has
+    ``CLOSE_GRACE`` seconds to take its last replies before it is aborted.
     """
 
     factory: KVFactory
     _log = Logger()
 
     def __init__(self) -> None:
-        self._partial = b""
+        # The unfinished request: its pieces, their total size, and when its
+        # first byte came (None while there is none).
+        self._pieces: list[bytes] = []
+        self._pending = 0
+        self._pendingSince: float | None = None
+        self._deadline: IDelayedCall | None = None
+        self._abort: IDelayedCall | None = None
         self._closing = False
+        self._commands = _COMMANDS
+        self._authFailures = 0
 
     @property
-    def _stream(self) -> _StreamTransport:
+    def _stream(self) -> StreamTransport:
         # ITransport does not declare flow control or abortConnection,
         # although every stream transport provides them.
         assert self.transport is not None, "not connected"
-        return cast(_StreamTransport, self.transport)
+        return cast(StreamTransport, self.transport)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """Every timer of the connection (``TimeoutMixin``'s too) runs on the factory's reactor."""
+        return self.factory.reactor.callLater(period, func)
 
     # Connection life cycle
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        if self.factory.password is not None:
+            self._commands = _LOCKED
         self.setTimeout(self.factory.idleTimeout or None)
+        if interfaces.ISSLTransport.providedBy(self.transport):
+            # The handshake has the time of a request: a client that opens
+            # a TLS connection and sends nothing more cannot hold it.
+            self._startRequestClock()
         # Twisted reads up to bufferSize (64 KiB) at a time and allocates a
         # buffer that large for every read; PyPy also clears it. Requests
         # are a few bytes, so a 4 KiB read costs a third less CPU per
@@ -142,9 +179,38 @@ class KVProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
         self.setTimeout(None)
+        for timer in (self._deadline, self._abort):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._deadline = self._abort = None
+
+    def handshakeCompleted(self) -> None:
+        if not self._pieces:
+            self._pendingSince = None
 
     def timeoutConnection(self) -> None:
         self._finish(Batch(IDLE))
+
+    # The request clock: one timer per connection, rearmed only when it
+    # fires, so that a chunk costs no timer call, only a clock reading when
+    # an unfinished request begins.
+
+    def _startRequestClock(self) -> None:
+        self._pendingSince = self.factory.reactor.seconds()
+        if self._deadline is None and self.factory.requestTimeout:
+            self._deadline = self.callLater(self.factory.requestTimeout, self._checkRequestClock)
+
+    def _checkRequestClock(self) -> None:
+        self._deadline = None
+        since, timeout = self._pendingSince, self.factory.requestTimeout
+        if since is None or self._closing:
+            return
+        late = since + timeout - self.factory.reactor.seconds()
+        if late > 0:
+            self._deadline = self.callLater(late, self._checkRequestClock)
+        else:
+            self._pieces, self._pending = [], 0
+            self._finish(Batch(REQUEST_TIMEOUT))
 
     # IPushProducer: the transport calls these about its send buffer.
 
@@ -164,10 +230,12 @@ class KVProtocol(Protocol, TimeoutMixin):
     def readConnectionLost(self) -> None:
         if self._closing:
             return
-        rest, self._partial = self._partial, b""
+        rest = b"".join(self._pieces)
+        self._pieces, self._pending = [], 0
         # End of input also ends the last request.
         batch = Batch()
-        batch.replies = self._execute([rest], _NEEDS_CARE.search(rest) is not None, batch)
+        run = self._run if self._commands is not _LOCKED else self._runLocked
+        batch.replies = run([rest], _NEEDS_CARE.search(rest) is not None, batch)
         self._finish(batch)
 
     def writeConnectionLost(self) -> None:
@@ -178,25 +246,64 @@ class KVProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
         if b"\0" in data:
             data = data.replace(b"\0", b"\n")
-        buffered = self._partial + data
+        if b"\n" not in data:
+            # Still no end of request: keep the piece, copy nothing.
+            if self._keepUnfinished(data):
+                self._finish(Batch(TOO_LONG))
+            return
+        if self._pieces:
+            # Each byte is joined once, when its request's end comes.
+            self._pieces.append(data)
+            buffered = b"".join(self._pieces)
+            self._pieces, self._pending = [], 0
+        else:
+            buffered = data
+        self._pendingSince = None
         lines = buffered.split(b"\n")
-        self._partial = lines.pop()
+        rest = lines.pop()
         batch = Batch()
-        replies = self._execute(lines, _NEEDS_CARE.search(buffered) is not None, batch)
-        if not self._closing and _tooLong(self._partial, self.factory.maxRequest):
-            self._partial = b""
+        run = self._run if self._commands is not _LOCKED else self._runLocked
+        replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
+        if rest and not self._closing and self._keepUnfinished(rest):
             replies += TOO_LONG
             self._closing = True
         batch.replies = replies
         if self._closing:
             self._finish(batch)
         elif replies:
+            # Blank lines are not activity: only requests keep a connection from idling out.
+            self.resetTimeout()
             self.factory.store.deliver(self, batch)
 
-    def _execute(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
+    def _keepUnfinished(self, piece: bytes) -> bool:
+        """Hold a piece of a request until its end comes; True (keeping nothing) once it can no longer fit."""
+        # A request on its way is activity; its own clock bounds how long it may take.
+        self.resetTimeout()
+        if not self._pieces:
+            self._startRequestClock()
+        self._pieces.append(piece)
+        self._pending += len(piece)
+        if _tooLong(self._pending, piece, self.factory.maxRequest):
+            self._pieces, self._pending = [], 0
+            self._pendingSince = None
+            return True
+        return False
+
+    def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
+        """``_run`` before authentication: one request at a time, as ``auth`` may unlock the rest."""
+        out = []
+        for i, line in enumerate(lines):
+            out.append(self._run([line], careful, batch))
+            if self._closing:
+                break
+            if self._commands is not _LOCKED:
+                out.append(self._run(lines[i + 1 :], careful, batch))
+                break
+        return b"".join(out)
+
+    def _run(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
         """
         Run complete requests in order, noting in ``batch`` what their
         replies wait for; stop at Bye or at a request over the limit.
@@ -208,7 +315,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         out: list[bytes] = []
         append = out.append
         limit = self.factory.maxRequest
-        commands = _COMMANDS
+        commands = self._commands
         for line in lines:
             if careful and line.endswith(b"\r"):
                 line = line[:-1]
@@ -269,6 +376,23 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._closing = True
         return GOODBYE
 
+    def do_auth(self, tokens: list[bytes], batch: Batch) -> bytes:
+        password = self.factory.password
+        if password is None:
+            return NO_PASSWORD
+        # Constant time: how much of a guess was right must not show.
+        if hmac.compare_digest(tokens[1], password):
+            self._commands = _COMMANDS
+            self._authFailures = 0
+            return OK
+        self._authFailures += 1
+        if self._authFailures >= AUTH_ATTEMPTS:
+            self._closing = True
+        return BAD_PASSWORD
+
+    def refuseUnauthenticated(self, tokens: list[bytes], batch: Batch) -> bytes:
+        return AUTH_REQUIRED
+
     # IReplyTarget: the store hands each batch back when its replies may leave.
 
     def sendReplies(self, batch: Batch) -> None:
@@ -308,6 +432,10 @@ class KVProtocol(Protocol, TimeoutMixin):
             # it forever instead of closing; flow control is over here.
             self._stream.unregisterProducer()
             transport.loseConnection()
+            # A client that never reads would hold the connection while
+            # the last replies wait to be flushed (and a TLS peer that never
+            # answers the close, for good): after a grace period, abort.
+            self._abort = self.callLater(CLOSE_GRACE, self._stream.abortConnection)
 
     def abandonReplies(self) -> None:
         self._stream.abortConnection()
@@ -316,25 +444,37 @@ class KVProtocol(Protocol, TimeoutMixin):
         """Send the last replies, then close once they are flushed."""
         self._closing = True
         self.setTimeout(None)
-        self._stream.pauseProducing()
+        # Not pausing the transport: input is ignored from here on, and a
+        # TLS close must still read the peer's close_notify.
         batch.last = True
         self.factory.store.deliver(self, batch)
 
 
 # verb -> (number of arguments, handler, usage): one table for every
 # connection, and adding a command is one row.
-_COMMANDS: dict[bytes, tuple[int, Callable[[KVProtocol, list[bytes], Batch], bytes], bytes]] = {
+_Command = tuple[int, Callable[[KVProtocol, list[bytes], Batch], bytes], bytes]
+_COMMANDS: dict[bytes, _Command] = {
     b"put": (2, KVProtocol.do_put, b"put KEY VALUE"),
     b"get": (1, KVProtocol.do_get, b"get KEY"),
     b"del": (1, KVProtocol.do_del, b"del KEY"),
     b"bye": (0, KVProtocol.do_bye, b"Bye"),
+    b"auth": (1, KVProtocol.do_auth, b"auth PASSWORD"),
+}
+# The table of a connection that has not authenticated yet: the data
+# commands answer that authentication is required, and nothing else
+# changes, so locking costs nothing per request.
+_LOCKED: dict[bytes, _Command] = {
+    verb: (arity, KVProtocol.refuseUnauthenticated if verb in (b"put", b"get", b"del") else handler, usage)
+    for verb, (arity, handler, usage) in _COMMANDS.items()
 }
 
 
-def _tooLong(partial: bytes, limit: int) -> bool:
-    """Whether an unfinished request can no longer fit, allowing for a CR before its LF."""
-    size = len(partial)
-    return size > limit and not (size == limit + 1 and partial.endswith(b"\r"))
+def _tooLong(size: int, last: bytes, limit: int) -> bool:
+    """Whether an unfinished request of ``size`` bytes, ending in ``last``, can no longer fit.
+
+    A CR before the LF does not count against the limit.
+    """
+    return size > limit and not (size == limit + 1 and last.endswith(b"\r"))
 
 
 def _storeError(error: StoreError) -> bytes:

@@ -21,7 +21,7 @@ from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, m
 from kvtwist.storage.interface import Batch, StoreError
 from kvtwist.storage.journal import encodeDel, encodeEnd, encodePut
 from kvtwist.storage.journalwriter import JournalSyncError, JournalWriteError, JournalWriter
-from kvtwist.storage.memory import MemoryStore
+from kvtwist.storage.memory import STORE_FULL, MemoryStore
 from kvtwist.storage.recovery import recover
 
 
@@ -39,8 +39,11 @@ class OpenedDirectory:
     warnings: list[str] = field(default_factory=list)
 
 
-def openDirectory(dirPath: str) -> OpenedDirectory:
+def openDirectory(dirPath: str, maxKeys: int | None = None) -> OpenedDirectory:
     """Lock ``dirPath``, recover its contents, and open its newest journal.
+
+    ``maxKeys`` limits the store as ``MemoryStore`` says; a directory that
+    already holds more keys still opens, and only refuses new ones.
 
     Raises ``DataDirLocked`` or ``RecoveryError`` with a message for the
     operator; ``warnings`` lists what recovery dropped.
@@ -62,7 +65,7 @@ def openDirectory(dirPath: str) -> OpenedDirectory:
         else:
             writer = JournalWriter.open(os.path.join(dirPath, journalName(generation)))
             older = recovered.journalBytes - writer.size
-        memory = MemoryStore(recovered.map)
+        memory = MemoryStore(recovered.map, maxKeys)
     except BaseException:
         lock.release()
         raise
@@ -109,6 +112,8 @@ class JournaledStore:
             if self._dirty:
                 self._dependOn(key, batch)
             return False
+        if self.memory.full:
+            raise StoreError(STORE_FULL)
         self._append(encodePut(key, value), key, batch)
         self.memory.put(key, value, batch)
         return True

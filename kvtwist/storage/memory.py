@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
-from kvtwist.storage.interface import Batch, IReplyTarget
+from kvtwist.storage.interface import Batch, IReplyTarget, StoreError
 from kvtwist.storage.intmap import IntMap
+
+
+STORE_FULL = "store is full"
 
 
 class MemoryStore:
@@ -21,18 +25,39 @@ class MemoryStore:
     the memory per key (docs/performance.md).
     """
 
-    def __init__(self, data: IntMap | None = None) -> None:
-        """``data``, if given, becomes the store's contents (recovery fills one)."""
+    def __init__(self, data: IntMap | None = None, maxKeys: int | None = None) -> None:
+        """
+        ``data``, if given, becomes the store's contents (recovery fills one).
+        With ``maxKeys``, a put of a new key beyond that many is refused, as
+        Redis's ``maxmemory`` with ``noeviction`` does; gets and dels go on.
+        """
         self._data = IntMap() if data is None else data
+        self._count = len(self._data)
+        self._room = sys.maxsize if maxKeys is None else maxKeys
+
+    @property
+    def full(self) -> bool:
+        """Whether a put of a new key would be refused."""
+        return self._count >= self._room
 
     def put(self, key: int, value: int, batch: Batch) -> bool:
-        return self._data.put(key, value)
+        if self._count >= self._room:
+            if key in self._data:
+                return False
+            raise StoreError(STORE_FULL)
+        if self._data.put(key, value):
+            self._count += 1
+            return True
+        return False
 
     def get(self, key: int, batch: Batch) -> int | None:
         return self._data.get(key)
 
     def delete(self, key: int, batch: Batch) -> bool:
-        return self._data.delete(key)
+        if self._data.delete(key):
+            self._count -= 1
+            return True
+        return False
 
     def deliver(self, target: IReplyTarget, batch: Batch) -> None:
         target.sendReplies(batch)
@@ -50,7 +75,7 @@ class MemoryStore:
         return self._data.keyParts()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._count
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
