@@ -41,17 +41,21 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _results(ran: list[plan.Scenario], rows: list[report.Row], verdicts: list[report.Verdict], quick: bool) -> str:
-    """The tables (against Redis; against the baseline tree) and the targets, as printed and in results.md."""
-    treeKeys = {s.key for s in ran if s.against == plan.AGAINST_TREE}
+    """The tables (against Redis; against the baseline tree; against no --metrics) and the targets."""
+    against = {s.key: s.against for s in ran}
     parts = []
-    redisRows = [r for r in rows if r.scenario not in treeKeys]
+    redisRows = [r for r in rows if against.get(r.scenario) == plan.AGAINST_REDIS]
     if redisRows:
         parts.append(report.formatTable(redisRows))
-    treeRows = [r for r in rows if r.scenario in treeKeys]
+    treeRows = [r for r in rows if against.get(r.scenario) == plan.AGAINST_TREE]
     if treeRows:
         parts.append("This tree against the baseline tree (--baseline-tree); a median throughput "
                      f"ratio under {plan.REGRESSION.threshold:g} is a regression:\n\n"
                      + report.formatTable(treeRows, against="baseline"))
+    plainRows = [r for r in rows if against.get(r.scenario) == plan.AGAINST_PLAIN]
+    if plainRows:
+        parts.append("kvtwist with --metrics against the same kvtwist without it; what serving metrics costs:\n\n"
+                     + report.formatTable(plainRows, against="plain"))
     if quick:
         parts.append("Targets: not judged; a --quick run is far too short to tell.")
     elif verdicts:

@@ -22,9 +22,10 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory, Protocol
 
 # All the floor takes from kvtwist: a connection's set-up, which reads only
-# the two attributes of FloorFactory below, and its reply path, entered as
+# the attributes of FloorFactory below, and its reply path, entered as
 # the store enters it (IReplyTarget.sendReplies); not the factory, nor a store.
 from kvtwist.server.protocol import KVProtocol
+from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
 
 DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
@@ -45,9 +46,11 @@ class FloorFactory(Factory[Protocol]):
 
     protocol = FloorProtocol
     idleTimeout = 0.0
+    password = None
 
     def __init__(self) -> None:
         self.connections = 0
+        self.stats = ServerStats()
 
 
 @defer.inlineCallbacks

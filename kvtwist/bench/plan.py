@@ -32,6 +32,7 @@ class Target:
 # the baseline tree (kvtwist -> kvtwist-baseline).
 AGAINST_REDIS = "redis"
 AGAINST_TREE = "baseline tree"
+AGAINST_PLAIN = "without --metrics"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,17 @@ def treeScenarios(load: Load, rounds: int, deep: int = 16) -> list[Scenario]:
     ]
 
 
+# Serving --metrics may cost at most 3% of throughput where requests are cheapest.
+METRICS_COST = Target("rps", ">=", 0.97)
+
+
+def metricsScenario(load: Load, rounds: int) -> Scenario:
+    """kvtwist with ``--metrics`` against the same kvtwist without it, at depth 16."""
+    return Scenario("metrics-d16", f"{load.connections} conns, depth 16, with --metrics against without",
+                    replace(load, depth=16), ("kvtwist", "kvtwist-metrics"), rounds=rounds,
+                    targets=(METRICS_COST,), against=AGAINST_PLAIN, alternate=True, freshServers=True)
+
+
 def fullPlan(
     rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True, trees: bool = False
 ) -> list[Scenario]:
@@ -111,6 +123,7 @@ def fullPlan(
         Scenario(f"sweep-c{n}", f"{n} conns", replace(short, connections=n), rounds=sweepRounds)
         for n in (1, 10, 100, 1000)
     ]
+    plan.append(metricsScenario(base, rounds))
     plan.append(
         Scenario("mem1m", "1M keys stored", Load(connections=4, depth=64, keyspace=1_000_000, fill=True),
                  rounds=sweepRounds, memory=True, targets=(Target("rssPerKey", "<=", 1.0),))

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtwist.bench.plan import AGAINST_TREE, Scenario, Target
+from kvtwist.bench.plan import AGAINST_PLAIN, AGAINST_TREE, Scenario, Target
 from kvtwist.bench.runner import Measurement
-from kvtwist.bench.servers import REDIS_COUNTERPART, baselineKind, installedSource, runsBaselineTree, treeSource
+from kvtwist.bench.servers import (
+    REDIS_COUNTERPART, baselineKind, installedSource, runsBaselineTree, treeSource, withoutMetricsKind,
+)
 from kvtwist.bench.stats import median, pairedRatios
 
 # The per-round figures a Row summarises, by the name targets use.
@@ -81,6 +83,9 @@ def againstOf(scenario: Scenario, server: str) -> str:
     """The server kind whose figures ``server``'s are divided by in ``scenario``; "" for none."""
     if scenario.against == AGAINST_TREE:
         return "" if runsBaselineTree(server) else baselineKind(server)
+    if scenario.against == AGAINST_PLAIN:
+        plain = withoutMetricsKind(server)
+        return "" if plain == server else plain
     return REDIS_COUNTERPART.get(server, "")
 
 

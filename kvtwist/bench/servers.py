@@ -193,6 +193,11 @@ def runsBaselineTree(kind: str) -> bool:
     return kind.endswith(BASELINE_SUFFIX)
 
 
+def withoutMetricsKind(kind: str) -> str:
+    """The kind that is ``kind`` without ``--metrics``."""
+    return kind.removesuffix("-metrics")
+
+
 def baselineKind(kind: str) -> str:
     """The kind that runs the baseline tree in the same way as ``kind``: kvtwist -> kvtwist-baseline."""
     return kind + BASELINE_SUFFIX
@@ -227,6 +232,8 @@ def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
+    if kind.endswith("-metrics"):
+        argv += ["--metrics", f"tcp:0:interface={HOST}"]
     return _startAndWaitForLog(kind, argv, workdir, _KVSTORE_LISTENING, _pythonEnv(kind, options, workdir))
 
 
@@ -271,6 +278,8 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     "kvtwist-always": _startKvtwist,
     "kvtwist-pypy": _startKvtwist,
     "kvtwist-pypy-always": _startKvtwist,
+    # The same kvtwist, serving --metrics (compared with the one without).
+    "kvtwist-metrics": _startKvtwist,
     # The same kvtwist servers, run from another source tree (--baseline-tree).
     "kvtwist-baseline": _startKvtwist,
     "kvtwist-pypy-baseline": _startKvtwist,

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvtwist.server.protocol import CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, KVProtocol, StreamTransport
+from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import IStore
 
 DEFAULT_MAX_CONNECTIONS = 10000
@@ -25,6 +26,7 @@ class _Refusal(Protocol):
 
     def connectionMade(self) -> None:
         transport = cast(StreamTransport, self.transport)
+        self.factory.stats.refused["limit"] += 1
         transport.write(TOO_MANY)
         transport.loseConnection()
         self._abort = self.factory.reactor.callLater(CLOSE_GRACE, transport.abortConnection)
@@ -39,7 +41,8 @@ class KVFactory(Factory[Protocol]):
     Owns the one store that every connection shares, and the limits.
 
     The store is all the server knows of where data lives (``IStore``):
-    in memory, journaled to disk, or elsewhere. ``reactor`` runs every
+    in memory, journaled to disk, or elsewhere. ``stats`` counts what the
+    connections do (``kvtwist.server.stats``). ``reactor`` runs every
     timer of the connections (tests pass a ``Clock``); ``password``, when
     set, must be given with ``auth`` before anything else.
     """
@@ -56,6 +59,7 @@ class KVFactory(Factory[Protocol]):
         requestTimeout: float = DEFAULT_REQUEST_TIMEOUT,
         password: bytes | None = None,
         reactor: Any = None,
+        timing: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -67,6 +71,9 @@ class KVFactory(Factory[Protocol]):
         self.password = password
         self.reactor = reactor
         self.connections = 0
+        self.stats = ServerStats()
+        # Whether to measure each chunk's latency (two clock readings a chunk): with --metrics.
+        self.timing = timing
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self.connections >= self.maxConnections:

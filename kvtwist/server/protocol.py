@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, cast
 
 from twisted.internet import interfaces, tcp
@@ -21,6 +22,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kvtwist.server import stats as S
 from kvtwist.storage.interface import Batch, StoreError
 
 if TYPE_CHECKING:
@@ -142,6 +144,9 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._closing = False
         self._commands = _COMMANDS
         self._authFailures = 0
+        # Why the server ended the connection, for the stats (None: the client did).
+        self._closeReason: str | None = None
+        self._counts: list[int] = []
 
     @property
     def _stream(self) -> StreamTransport:
@@ -158,6 +163,9 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        stats = self.factory.stats
+        stats.accepted += 1
+        self._counts = stats.requests
         if self.factory.password is not None:
             self._commands = _LOCKED
         self.setTimeout(self.factory.idleTimeout or None)
@@ -178,6 +186,7 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
+        self.factory.stats.closed[self._closeReason or "client"] += 1
         self.setTimeout(None)
         for timer in (self._deadline, self._abort):
             if timer is not None and timer.active():
@@ -189,6 +198,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._pendingSince = None
 
     def timeoutConnection(self) -> None:
+        self._closeReason = "idle"
         self._finish(Batch(IDLE))
 
     # The request clock: one timer per connection, rearmed only when it
@@ -205,11 +215,12 @@ class KVProtocol(Protocol, TimeoutMixin):
         since, timeout = self._pendingSince, self.factory.requestTimeout
         if since is None or self._closing:
             return
-        late = since + timeout - self.factory.reactor.seconds()
-        if late > 0:
-            self._deadline = self.callLater(late, self._checkRequestClock)
+        left = since + timeout - self.factory.reactor.seconds()
+        if left > 0:
+            self._deadline = self.callLater(left, self._checkRequestClock)
         else:
             self._pieces, self._pending = [], 0
+            self._closeReason = "request_timeout"
             self._finish(Batch(REQUEST_TIMEOUT))
 
     # IPushProducer: the transport calls these about its send buffer.
@@ -234,6 +245,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._pieces, self._pending = [], 0
         # End of input also ends the last request.
         batch = Batch()
+        self._closeReason = self._closeReason or "client"
         run = self._run if self._commands is not _LOCKED else self._runLocked
         batch.replies = run([rest], _NEEDS_CARE.search(rest) is not None, batch)
         self._finish(batch)
@@ -246,11 +258,15 @@ class KVProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        factory = self.factory
+        factory.stats.bytesIn += len(data)
         if b"\0" in data:
             data = data.replace(b"\0", b"\n")
         if b"\n" not in data:
             # Still no end of request: keep the piece, copy nothing.
             if self._keepUnfinished(data):
+                self._counts[S.TOO_LONG] += 1
+                self._closeReason = "too_long"
                 self._finish(Batch(TOO_LONG))
             return
         if self._pieces:
@@ -264,10 +280,14 @@ class KVProtocol(Protocol, TimeoutMixin):
         lines = buffered.split(b"\n")
         rest = lines.pop()
         batch = Batch()
+        if factory.timing:
+            batch.received = time.perf_counter()
         run = self._run if self._commands is not _LOCKED else self._runLocked
         replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
         if rest and not self._closing and self._keepUnfinished(rest):
             replies += TOO_LONG
+            self._counts[S.TOO_LONG] += 1
+            self._closeReason = "too_long"
             self._closing = True
         batch.replies = replies
         if self._closing:
@@ -275,7 +295,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         elif replies:
             # Blank lines are not activity: only requests keep a connection from idling out.
             self.resetTimeout()
-            self.factory.store.deliver(self, batch)
+            factory.store.deliver(self, batch)
 
     def _keepUnfinished(self, piece: bytes) -> bool:
         """Hold a piece of a request until its end comes; True (keeping nothing) once it can no longer fit."""
@@ -316,11 +336,14 @@ class KVProtocol(Protocol, TimeoutMixin):
         append = out.append
         limit = self.factory.maxRequest
         commands = self._commands
+        counts = self._counts
         for line in lines:
             if careful and line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
                 append(TOO_LONG)
+                counts[S.TOO_LONG] += 1
+                self._closeReason = "too_long"
                 self._closing = True
                 break
             tokens = [t for t in _SEPARATORS.split(line) if t] if careful else line.split()
@@ -329,10 +352,12 @@ class KVProtocol(Protocol, TimeoutMixin):
             entry = commands.get(tokens[0].lower())
             if entry is None:
                 append(UNKNOWN)
+                counts[S.UNKNOWN_COMMAND] += 1
                 continue
             arity, handler, usage = entry
             if len(tokens) - 1 != arity:
                 append(b"Error: wrong number of arguments (usage: %s)\n" % usage)
+                counts[S.WRONG_ARGUMENTS] += 1
                 continue
             append(handler(self, tokens, batch))
             if self._closing:
@@ -344,54 +369,84 @@ class KVProtocol(Protocol, TimeoutMixin):
     def do_put(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
+            self._counts[S.PUT_BAD_KEY] += 1
             return _BAD_KEY
         value = parseInt64(tokens[2])
         if value is None:
+            self._counts[S.PUT_BAD_VALUE] += 1
             return _BAD_VALUE
         try:
-            return OK if self.factory.store.put(key, value, batch) else EXISTS
+            stored = self.factory.store.put(key, value, batch)
         except StoreError as e:
-            return _storeError(e)
+            return self._storeError("put", e)
+        if stored:
+            self._counts[S.PUT_OK] += 1
+            return OK
+        self._counts[S.PUT_EXISTS] += 1
+        return EXISTS
 
     def do_get(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
+            self._counts[S.GET_BAD_KEY] += 1
             return _BAD_KEY
         try:
             value = self.factory.store.get(key, batch)
         except StoreError as e:
-            return _storeError(e)
-        return NOT_FOUND if value is None else b"%d\n" % value
+            return self._storeError("get", e)
+        if value is None:
+            self._counts[S.GET_NOT_FOUND] += 1
+            return NOT_FOUND
+        self._counts[S.GET_FOUND] += 1
+        return b"%d\n" % value
 
     def do_del(self, tokens: list[bytes], batch: Batch) -> bytes:
         key = parseInt64(tokens[1])
         if key is None:
+            self._counts[S.DEL_BAD_KEY] += 1
             return _BAD_KEY
         try:
-            return OK if self.factory.store.delete(key, batch) else NOT_FOUND
+            deleted = self.factory.store.delete(key, batch)
         except StoreError as e:
-            return _storeError(e)
+            return self._storeError("del", e)
+        if deleted:
+            self._counts[S.DEL_OK] += 1
+            return OK
+        self._counts[S.DEL_NOT_FOUND] += 1
+        return NOT_FOUND
 
     def do_bye(self, tokens: list[bytes], batch: Batch) -> bytes:
+        self._counts[S.BYE] += 1
+        self._closeReason = "bye"
         self._closing = True
         return GOODBYE
 
     def do_auth(self, tokens: list[bytes], batch: Batch) -> bytes:
         password = self.factory.password
         if password is None:
+            self._counts[S.AUTH_NO_PASSWORD] += 1
             return NO_PASSWORD
         # Constant time: how much of a guess was right must not show.
         if hmac.compare_digest(tokens[1], password):
             self._commands = _COMMANDS
             self._authFailures = 0
+            self._counts[S.AUTH_OK] += 1
             return OK
+        self._counts[S.AUTH_INVALID] += 1
         self._authFailures += 1
         if self._authFailures >= AUTH_ATTEMPTS:
+            self._closeReason = "auth"
             self._closing = True
         return BAD_PASSWORD
 
     def refuseUnauthenticated(self, tokens: list[bytes], batch: Batch) -> bytes:
+        self._counts[S.AUTH_REQUIRED] += 1
         return AUTH_REQUIRED
+
+    def _storeError(self, command: str, error: StoreError) -> bytes:
+        self._counts[S.storeErrorKind(command, error.kind)] += 1
+        # The text comes from the server, never from the client, so it is safe to send.
+        return b"Error: %s\n" % str(error).encode("ascii", "replace")
 
     # IReplyTarget: the store hands each batch back when its replies may leave.
 
@@ -410,7 +465,10 @@ class KVProtocol(Protocol, TimeoutMixin):
         replies = batch.replies
         transport = self.transport
         assert transport is not None, "not connected"
+        if batch.received:
+            self.factory.stats.latency.observe(time.perf_counter() - batch.received, replies.count(b"\n"))
         if replies:
+            self.factory.stats.bytesOut += len(replies)
             if (
                 type(transport) is tcp.Server
                 and transport.connected
@@ -475,8 +533,3 @@ def _tooLong(size: int, last: bytes, limit: int) -> bool:
     A CR before the LF does not count against the limit.
     """
     return size > limit and not (size == limit + 1 and last.endswith(b"\r"))
-
-
-def _storeError(error: StoreError) -> bytes:
-    # The text comes from the server, never from the client, so it is safe to send.
-    return b"Error: %s\n" % str(error).encode("ascii", "replace")

@@ -183,6 +183,8 @@ class Compactor:
         self._crashpoint = crashpoint
         self._running: defer.Deferred[None] | None = None
         self._stopping = False
+        # Compactions finished, for --metrics.
+        self.completed = 0
 
     @property
     def running(self) -> bool:
@@ -228,6 +230,7 @@ class Compactor:
     def _done(self, started: float) -> None:
         self._running = None
         if not self._stopping:
+            self.completed += 1
             _log.info(
                 "kvstore: compaction done: snapshot {generation} holds {count} keys ({seconds:.2f} s)",
                 generation=self.store.generation, count=len(self.store), seconds=time.monotonic() - started,

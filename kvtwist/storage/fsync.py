@@ -14,6 +14,7 @@ replies still waiting for one are never sent.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from kvtwist.histogram import Histogram
 from kvtwist.storage.interface import Batch, IReplyTarget
 from kvtwist.storage.journaled import JournaledStore
 
@@ -28,6 +30,8 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_FSYNC = "everysec"
 
 RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
+# Seconds, for the fsync duration histogram (--metrics).
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class FsyncPolicy:
@@ -40,6 +44,7 @@ class FsyncPolicy:
         self._inflight: defer.Deferred[Any] | None = None
         self._idleWaiters: list[defer.Deferred[None]] = []
         self.failed = False
+        self.fsyncDurations = Histogram(FSYNC_BUCKETS)
 
     def deliver(self, target: IReplyTarget, batch: Batch) -> None:
         target.sendReplies(batch)
@@ -68,10 +73,11 @@ class FsyncPolicy:
         # the count is in this writer's file or in one synced before it.
         target = self.store.appended
         self._inflight = run(self.store.writer.sync)
-        self._inflight.addBoth(self._syncEnded, target)
+        self._inflight.addBoth(self._syncEnded, target, time.perf_counter())
 
-    def _syncEnded(self, result: object, target: int) -> None:
+    def _syncEnded(self, result: object, target: int, started: float) -> None:
         self._inflight = None
+        self.fsyncDurations.observe(time.perf_counter() - started)
         failed = isinstance(result, Failure)
         if isinstance(result, Failure):
             self.failed = True

@@ -39,6 +39,21 @@ from typing import Protocol, runtime_checkable
 class StoreError(Exception):
     """A request the store refuses as a whole; its text becomes the client's ``Error:`` reply."""
 
+    # What kind of refusal, for the counts by outcome (kvtwist.server.stats).
+    kind = "store_error"
+
+
+class StoreReadOnly(StoreError):
+    """The store takes no more changes (a durable store whose disk failed, or that is shutting down)."""
+
+    kind = "read_only"
+
+
+class StoreFull(StoreError):
+    """A put of a new key beyond the store's limit on keys."""
+
+    kind = "store_full"
+
 
 class Batch:
     """
@@ -49,12 +64,14 @@ class Batch:
     connection closes after them.
     """
 
-    __slots__ = ("waitFor", "replies", "last")
+    __slots__ = ("waitFor", "replies", "last", "received")
 
     def __init__(self, replies: bytes = b"", last: bool = False) -> None:
         self.waitFor = 0
         self.replies = replies
         self.last = last
+        # When the chunk was read (time.perf_counter), if latency is measured; else 0.
+        self.received = 0.0
 
     def __repr__(self) -> str:
         return f"Batch(waitFor={self.waitFor}, replies={self.replies!r}, last={self.last})"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, makeDataDir
-from kvtwist.storage.interface import Batch, StoreError
+from kvtwist.storage.interface import Batch, StoreFull, StoreReadOnly
 from kvtwist.storage.journal import encodeDel, encodeEnd, encodePut
 from kvtwist.storage.journalwriter import JournalSyncError, JournalWriteError, JournalWriter
 from kvtwist.storage.memory import STORE_FULL, MemoryStore
@@ -113,7 +113,7 @@ class JournaledStore:
                 self._dependOn(key, batch)
             return False
         if self.memory.full:
-            raise StoreError(STORE_FULL)
+            raise StoreFull(STORE_FULL)
         self._append(encodePut(key, value), key, batch)
         self.memory.put(key, value, batch)
         return True
@@ -146,14 +146,14 @@ class JournaledStore:
 
     def _checkWritable(self) -> None:
         if self.readOnlyReason is not None:
-            raise StoreError(f"store is read-only ({self.readOnlyReason})")
+            raise StoreReadOnly(f"store is read-only ({self.readOnlyReason})")
 
     def _append(self, record: bytes, key: int, batch: Batch) -> None:
         try:
             self.writer.append(record)
         except JournalWriteError as e:
             self.turnReadOnly(f"journal write failed: {e}")
-            raise StoreError(f"store is read-only ({self.readOnlyReason})") from e
+            raise StoreReadOnly(f"store is read-only ({self.readOnlyReason})") from e
         self.appended += 1
         if self._dirty is not None:
             self._dirty[key] = batch.waitFor = self.appended

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Iterator
 
-from kvtwist.storage.interface import Batch, IReplyTarget, StoreError
+from kvtwist.storage.interface import Batch, IReplyTarget, StoreFull
 from kvtwist.storage.intmap import IntMap
 
 
@@ -44,7 +44,7 @@ class MemoryStore:
         if self._count >= self._room:
             if key in self._data:
                 return False
-            raise StoreError(STORE_FULL)
+            raise StoreFull(STORE_FULL)
         if self._data.put(key, value):
             self._count += 1
             return True

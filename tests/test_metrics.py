@@ -1,0 +1,107 @@
+"""--metrics: the counters behind /metrics, read through prometheus-client, and /healthz."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("prometheus_client", reason="--metrics needs the metrics extra")
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.web.test.requesthelper import DummyRequest  # noqa: E402
+
+from kvtwist.server.factory import KVFactory  # noqa: E402
+from kvtwist.server.metrics import HealthResource, KVCollector  # noqa: E402
+from kvtwist.storage.durable import DurableStore  # noqa: E402
+from kvtwist.storage.journaled import openDirectory  # noqa: E402
+from kvtwist.storage.memory import MemoryStore  # noqa: E402
+
+
+def scrape(factory: KVFactory, durable: DurableStore | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(KVCollector(factory, durable))
+    return registry
+
+
+def requests(registry: CollectorRegistry, command: str, outcome: str) -> float | None:
+    return registry.get_sample_value("kvtwist_requests_total", {"command": command, "outcome": outcome})
+
+
+def test_requests_are_counted_by_command_and_outcome() -> None:
+    clock = Clock()
+    factory = KVFactory(MemoryStore(maxKeys=3), reactor=clock, timing=True)
+    proto, transport = factory.buildProtocol(None), StringTransport()
+    proto.makeConnection(transport)
+    sent = b"put 1 1\nput 1 2\nput 2 2\nput 3 3\nput 4 4\nget 1\nget 9\nget x\ndel 2\ndel 2\nfrob\nget\n"
+    proto.dataReceived(sent)
+    registry = scrape(factory)
+    expected = {
+        ("put", "ok"): 3, ("put", "exists"): 1, ("put", "store_full"): 1, ("get", "found"): 1,
+        ("get", "not_found"): 1, ("get", "bad_key"): 1, ("del", "ok"): 1, ("del", "not_found"): 1,
+        ("other", "unknown_command"): 1, ("other", "wrong_arguments"): 1, ("bye", "ok"): 0,
+    }
+    for (command, outcome), count in expected.items():
+        assert requests(registry, command, outcome) == count, (command, outcome)
+    assert registry.get_sample_value("kvtwist_keys") == 2
+    assert registry.get_sample_value("kvtwist_connections_open") == 1
+    assert registry.get_sample_value("kvtwist_connections_accepted_total") == 1
+    assert registry.get_sample_value("kvtwist_received_bytes_total") == len(sent)
+    assert registry.get_sample_value("kvtwist_sent_bytes_total") == len(transport.value())
+    assert registry.get_sample_value("kvtwist_request_latency_seconds_count") == 12
+    proto.dataReceived(b"Bye\n")
+    proto.connectionLost()
+    registry = scrape(factory)
+    assert requests(registry, "bye", "ok") == 1
+    assert registry.get_sample_value("kvtwist_connections_closed_total", {"reason": "bye"}) == 1
+    assert registry.get_sample_value("kvtwist_connections_open") == 0
+
+
+def test_refusals_and_server_ended_connections_are_counted_by_reason() -> None:
+    clock = Clock()
+    factory = KVFactory(MemoryStore(), maxConnections=1, idleTimeout=1, reactor=clock)
+    first = factory.buildProtocol(None)
+    first.makeConnection(StringTransport())
+    refused = factory.buildProtocol(None)
+    refused.makeConnection(StringTransport())
+    clock.advance(1)
+    first.connectionLost()
+    registry = scrape(factory)
+    assert registry.get_sample_value("kvtwist_connections_refused_total", {"reason": "limit"}) == 1
+    assert registry.get_sample_value("kvtwist_connections_closed_total", {"reason": "idle"}) == 1
+    assert registry.get_sample_value("kvtwist_connections_closed_total", {"reason": "client"}) == 0
+
+
+def test_without_timing_no_latency_is_measured() -> None:
+    factory = KVFactory(MemoryStore(), reactor=Clock())
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(b"get 1\n")
+    assert scrape(factory).get_sample_value("kvtwist_request_latency_seconds_count") == 0
+
+
+def test_a_durable_store_exports_its_journal_fsyncs_and_health(tmp_path) -> None:
+    from twisted.internet import defer
+
+    clock = Clock()
+    store = DurableStore(openDirectory(str(tmp_path)), "always", clock, runBlocking=defer.maybeDeferred)
+    factory = KVFactory(store, reactor=clock)
+    proto, transport = factory.buildProtocol(None), StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"put 1 1\n")
+    clock.advance(0)
+    assert transport.value() == b"OK\n"
+    registry = scrape(factory, store)
+    assert registry.get_sample_value("kvtwist_journal_bytes") == store.journalBytes > 0
+    assert registry.get_sample_value("kvtwist_fsync_duration_seconds_count") == 1
+    assert registry.get_sample_value("kvtwist_compactions_total") == 0
+    assert registry.get_sample_value("kvtwist_read_only") == 0
+    health = HealthResource(store)
+    request = DummyRequest([b""])
+    assert health.render_GET(request) == b"ok\n" and request.responseCode in (None, 200)
+    store.turnReadOnly("journal fsync failed: Input/output error")
+    request = DummyRequest([b""])
+    assert health.render_GET(request) == b"read-only: journal fsync failed: Input/output error\n"
+    assert request.responseCode == 503
+    assert scrape(factory, store).get_sample_value("kvtwist_read_only") == 1
+    store.close()
