@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from kvtwist.server.arguments import DEFAULT_PORT, listenAddresses, oneOf, passwordFile, positiveInt, seconds
+from kvtwist.server.arguments import (
+    DEFAULT_PORT, dataDirectory, listenAddresses, metricsEndpoint, oneOf, passwordFile, positiveInt, seconds,
+)
 from kvtwist.server.factory import DEFAULT_MAX_CONNECTIONS, KVFactory
 from kvtwist.server.listening import listeningService
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT
 from kvtwist.storage.datadir import DataDirLocked
-from kvtwist.storage.durable import DurableService, DurableStore
+from kvtwist.storage.durable import DurableService, DurableStore, announceStore
 from kvtwist.storage.fsync import DEFAULT_FSYNC, FSYNC_POLICIES
 from kvtwist.storage.interface import IStore
 from kvtwist.storage.journaled import openDirectory
 from kvtwist.storage.memory import MemoryStore
 from kvtwist.storage.recovery import RecoveryError
+from kvtwist.version import version
 
 
 class Options(usage.Options):
@@ -28,8 +33,12 @@ class Options(usage.Options):
         ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT, "Close a connection whose request is not complete this many seconds after its first byte (a TLS handshake too).", seconds("request-timeout")],
         ["password-file", None, None, "Require clients to send auth PASSWORD first, with the password on this file's one line.", passwordFile],
         ["max-keys", None, None, "Refuse puts of new keys once this many are stored (Error: store is full); without it, no limit.", positiveInt("max-keys")],
-        ["data", "d", None, "Keep the data in this directory (journal and snapshots); without it, memory only."],
-        ["fsync", None, DEFAULT_FSYNC, "With --data, when the journal is forced to disk: always, everysec or no.",
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1; a bare port means loopback). Needs the metrics extra.", metricsEndpoint],
+        ["data", "d", None, "Keep the data in this directory (journal and snapshots); without it, memory only.",
+         dataDirectory],
+        # No default here, so that postOptions can tell a given --fsync from
+        # none: it applies DEFAULT_FSYNC itself.
+        ["fsync", None, None, f"With --data, when the journal is forced to disk: always, everysec or no. [default: {DEFAULT_FSYNC}]",
          oneOf("fsync", FSYNC_POLICIES, "always: no reply before its write is on disk; everysec: at most a second lost "
                "on power loss; no: the OS decides.")],
     ]
@@ -38,6 +47,13 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
 
+    def opt_version(self) -> None:
+        """Print kvtwist's version and exit."""
+        # usage.Options' own --version prints Twisted's; twistd itself only
+        # sees a --version given before the plugin's name.
+        print(f"kvtwist {version()}")
+        raise SystemExit(0)
+
     def opt_port(self, port: str) -> None:
         """Where to listen; repeat it to listen in several places. A bare port N listens on 127.0.0.1 and ::1 only; any Twisted server endpoint string works too: tcp:5000 (every interface), unix:/run/kv.sock, ssl:5443:privateKey=server.pem. [default: 5000]"""
         self["port"].extend(listenAddresses(port))
@@ -45,6 +61,10 @@ class Options(usage.Options):
     opt_p = opt_port
 
     def postOptions(self) -> None:
+        if self["fsync"] is None:
+            self["fsync"] = DEFAULT_FSYNC
+        elif not self["data"]:
+            raise usage.UsageError("--fsync needs --data: without it the store is in memory and nothing is synced")
         if not self["port"]:
             self["port"] = listenAddresses(DEFAULT_PORT)
         # Parse each description now, so that a typo or a missing certificate
@@ -83,15 +103,26 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
         requestTimeout=config["request-timeout"],
         password=config["password-file"],
         reactor=reactor,
+        timing=config["metrics"] is not None,
     )
     # Without a password the listeners warn about every address that other
     # machines can reach.
-    listening = listeningService(reactor, config["port"], factory, authenticated=config["password-file"] is not None)
-    if durable is None:
+    listening = listeningService(
+        reactor, config["port"], factory, authenticated=config["password-file"] is not None,
+        announce=partial(announceStore, None if durable is None else durable.store),
+    )
+    if durable is None and config["metrics"] is None:
         return listening
     # MultiService stops its children in reverse order: stop listening
     # first, then flush and close the journal.
     top = service.MultiService()
-    durable.setServiceParent(top)
+    if durable is not None:
+        durable.setServiceParent(top)
     listening.setServiceParent(top)
+    if config["metrics"] is not None:
+        # Imported only here: without --metrics nothing of it is loaded.
+        from kvtwist.server.metrics import metricsService
+
+        metricsService(reactor, config["metrics"], factory, None if durable is None else durable.store).setServiceParent(top)
     return top
+

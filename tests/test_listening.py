@@ -23,6 +23,7 @@ from kvtwist.server.arguments import ListenAddress
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.listening import CannotListen, KVService, ListeningPort, allowOpenFiles, isExposed
 from kvtwist.storage.memory import MemoryStore
+from kvtwist.version import version
 
 LOOPBACK = ListenAddress("tcp:5000:interface=127.0.0.1")
 IPV6_LOOPBACK = ListenAddress(r"tcp6:5000:interface=\:\:1", skipIfUnavailable=True)
@@ -211,6 +212,28 @@ def test_kvservice_listens_everywhere_and_stops_everywhere() -> None:
     assert [port.listening for port in ports] == [False, False]
 
 
+def test_kvservice_announces_once_before_it_listens(logged: Sequence[LogEvent]) -> None:
+    svc = KVService(factory(), announce=lambda: listening.Logger().info("what is starting"))
+    portOn(IPv4Address("TCP", "127.0.0.1", 5000))[0].setServiceParent(svc)
+    svc.privilegedStartService()
+    svc.startService()
+    assert texts(logged) == [
+        f"kvstore: kvtwist {version()} starting", "what is starting",
+        "kvstore listening on IPv4Address(type='TCP', host='127.0.0.1', port=5000)",
+    ]
+
+
+def test_a_plain_start_announces_too(logged: Sequence[LogEvent]) -> None:
+    # twist calls startService only.
+    svc = KVService(factory(), announce=lambda: listening.Logger().info("what is starting"))
+    portOn(IPv4Address("TCP", "127.0.0.1", 5000))[0].setServiceParent(svc)
+    svc.startService()
+    assert texts(logged) == [
+        f"kvstore: kvtwist {version()} starting", "what is starting",
+        "kvstore listening on IPv4Address(type='TCP', host='127.0.0.1', port=5000)",
+    ]
+
+
 def fakeLimits(monkeypatch: pytest.MonkeyPatch, soft: int, hard: int) -> list[tuple[int, int]]:
     """Replace the open-file limit the listening module sees; return the limits it sets."""
     applied: list[tuple[int, int]] = []
@@ -254,7 +277,7 @@ def test_kvservice_fits_the_factory_to_the_limit_once(monkeypatch: pytest.Monkey
     svc.privilegedStartService()
     svc.startService()
     assert shared.maxConnections == 136
-    assert len(logged) == 1
+    assert len([e for e in logged if "instead of --max-connections" in formatEvent(e)]) == 1
 
 
 class RealReactorTests(TestCase):

@@ -105,3 +105,82 @@ def test_a_durable_store_exports_its_journal_fsyncs_and_health(tmp_path) -> None
     assert request.responseCode == 503
     assert scrape(factory, store).get_sample_value("kvtwist_read_only") == 1
     store.close()
+
+
+def test_a_real_server_is_scraped_after_known_traffic(tmp_path) -> None:
+    """A real twistd process: the counts /metrics shows are the traffic sent, and /healthz says ok."""
+    import socket
+    import urllib.request
+
+    from serverproc import start_server
+
+    metricsPort = _freePort()
+    server = start_server("--data", str(tmp_path / "data"), "--metrics", f"tcp:{metricsPort}:interface=127.0.0.1")
+    try:
+        with server.connect() as client:
+            client.sendall(b"put 1 1\nput 1 2\nget 1\nget 2\ndel 1\nfrob\nBye\n")
+            received = b""
+            while not received.endswith(b"Goodbye\n"):
+                received += client.recv(4096)
+        assert received == (b"OK\nKey already exists\n1\nKey not found\nOK\n"
+                            b"Error: unknown command (expected put, get, del or Bye)\nGoodbye\n")
+        base = f"http://127.0.0.1:{metricsPort}"
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        for line in [
+            'kvtwist_requests_total{command="put",outcome="ok"} 1.0',
+            'kvtwist_requests_total{command="put",outcome="exists"} 1.0',
+            'kvtwist_requests_total{command="get",outcome="found"} 1.0',
+            'kvtwist_requests_total{command="get",outcome="not_found"} 1.0',
+            'kvtwist_requests_total{command="del",outcome="ok"} 1.0',
+            'kvtwist_requests_total{command="other",outcome="unknown_command"} 1.0',
+            'kvtwist_requests_total{command="bye",outcome="ok"} 1.0',
+            "kvtwist_keys 0.0",
+            "kvtwist_read_only 0.0",
+            "kvtwist_request_latency_seconds_count 7.0",
+        ]:
+            assert line in text.splitlines(), line
+        assert "process_resident_memory_bytes" in text
+        health = urllib.request.urlopen(f"{base}/healthz", timeout=10)
+        assert health.status == 200 and health.read() == b"ok\n"
+        with socket.create_connection(("127.0.0.1", metricsPort)):
+            pass
+    finally:
+        server.stop()
+
+
+def _freePort() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_is_a_service_beside_the_listener_only_when_asked() -> None:
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.application.service import IServiceCollection
+    from twisted.internet.testing import MemoryReactor
+
+    from kvtwist.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--port", "6000", "--metrics", "9100"])
+    assert options["metrics"] == "tcp:9100:interface=127.0.0.1"
+    services = list(IServiceCollection(makeService(options, MemoryReactor())))
+    assert [type(s) for s in services][-1] is StreamServerEndpointService
+
+
+def test_without_metrics_nothing_of_it_is_imported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactor\n"
+        "from kvtwist.tap import Options, makeService\n"
+        "o = Options(); o.parseOptions(['--port', '6000'])\n"
+        "makeService(o, MemoryReactor()).startService()\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'kvtwist.server.metrics'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

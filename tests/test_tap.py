@@ -19,6 +19,7 @@ from kvtwist.server.arguments import LISTEN_BACKLOG, ListenAddress, withServerDe
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.listening import KVService, ListeningPort
 from kvtwist.tap import Options, makeService
+from kvtwist.version import version
 
 # A certificate and key that ship with Twisted, for ssl: descriptions.
 SERVER_PEM = Path(twisted.test.__file__).with_name("server.pem")
@@ -227,6 +228,23 @@ def test_every_address_is_logged(logged: Sequence[LogEvent]) -> None:
     lines = [formatEvent(e) for e in logged if formatEvent(e).startswith("kvstore listening on ")]
     assert len(lines) == 3
     assert "UNIXAddress('/tmp/kvtwist-test.sock')" in lines[2]
+
+
+def test_the_start_up_story_comes_before_the_first_listening_line(logged: Sequence[LogEvent]) -> None:
+    makeService(parse("--port", "unix:/tmp/kvtwist-test.sock"), reactor=MemoryReactor()).startService()
+    assert [formatEvent(e) for e in logged] == [
+        f"kvstore: kvtwist {version()} starting",
+        "kvstore: store: memory",
+        "kvstore listening on UNIXAddress('/tmp/kvtwist-test.sock')",
+    ]
+
+
+def test_version_prints_kvtwist_s_and_exits(capsys: pytest.CaptureFixture[str]) -> None:
+    # usage.Options' own --version prints Twisted's.
+    with pytest.raises(SystemExit) as exited:
+        parse("--version")
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"kvtwist {version()}\n"
 
 
 def test_every_interface_is_an_exposed_server(logged: Sequence[LogEvent]) -> None:

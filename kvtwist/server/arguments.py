@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -158,6 +159,23 @@ def passwordFile(path: str) -> bytes:
 passwordFile.coerceDoc = "Its one line is the password clients send with auth."  # type: ignore[attr-defined]
 
 
+def dataDirectory(path: str) -> str:
+    """
+    ``path`` for ``--data``, refused when it, or the first of its parents that exists, is not a directory.
+
+    A directory that does not exist yet is fine: the server creates it and
+    its missing parents. Anything else would fail later as ``File exists``,
+    which names neither the option nor the problem.
+    """
+    given = found = os.path.abspath(path)
+    while not os.path.exists(found) and os.path.dirname(found) != found:
+        found = os.path.dirname(found)
+    if os.path.isdir(found):
+        return path
+    what = "a file, not a directory" if os.path.isfile(found) else "not a directory"
+    raise usage.UsageError(f"--data {path} is {what}" if found == given else f"--data {path}: {found} is {what}")
+
+
 def oneOf(what: str, choices: Sequence[str], doc: str) -> Any:
     def parse(text: str) -> str:
         if text not in choices:
@@ -166,3 +184,18 @@ def oneOf(what: str, choices: Sequence[str], doc: str) -> Any:
 
     parse.coerceDoc = doc  # type: ignore[attr-defined]
     return parse
+
+
+def metricsEndpoint(text: str) -> str:
+    """The endpoint for ``--metrics``: a bare port means loopback, like ``--port``; the extra must be installed."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise usage.UsageError("--metrics needs prometheus-client: pip install 'kvtwist[metrics]'")
+    description = text.strip()
+    if description.isascii() and description.isdigit():
+        description = f"tcp:{description}:interface=127.0.0.1"
+    return description
+
+
+metricsEndpoint.coerceDoc = "A port number or a server endpoint string."  # type: ignore[attr-defined]

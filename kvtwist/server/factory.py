@@ -48,6 +48,8 @@ class KVFactory(Factory[Protocol]):
     """
 
     protocol = KVProtocol
+    # Twisted's own "KVFactory starting on N" says it already.
+    noisy = False
     _log = Logger()
 
     def __init__(

@@ -6,7 +6,7 @@ import errno
 import ipaddress
 import resource
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service
@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from kvtwist.server.arguments import ListenAddress
 from kvtwist.server.factory import KVFactory
+from kvtwist.version import version
 
 # Descriptors beyond the clients': listening sockets, journal, logs, and room
 # to accept a client over the limit and tell it so.
@@ -183,42 +184,52 @@ class KVService(service.MultiService):
     """
     Everything the server listens on, one ``ListeningPort`` per address, all with one factory.
 
-    Before it listens, it fits the factory's connection limit to the
-    open-file limit.
+    Before it listens, it logs kvtwist's version and calls ``announce`` (for
+    the store's lines), so that the log says what is starting before where
+    it listens, and fits the factory's connection
+    limit to the open-file limit.
     """
 
     _log = Logger()
 
-    def __init__(self, factory: KVFactory) -> None:
+    def __init__(self, factory: KVFactory, announce: Callable[[], None] = lambda: None) -> None:
         super().__init__()
         self.factory = factory
-        self._fitted = False
+        self.announce = announce
+        self._prepared = False
 
     def privilegedStartService(self) -> None:
-        self._fitConnections()
+        self._beforeListening()
         super().privilegedStartService()
 
     def startService(self) -> None:
-        self._fitConnections()
+        self._beforeListening()
         super().startService()
 
-    def _fitConnections(self) -> None:
-        # Once, whether twistd's privileged start or a plain start comes first.
-        if not self._fitted:
-            self._fitted = True
+    def _beforeListening(self) -> None:
+        # Once, whether twistd's privileged start or a plain start (twist) comes first.
+        if not self._prepared:
+            self._prepared = True
+            self._log.info("kvstore: kvtwist {version} starting", version=version())
+            self.announce()
             self.factory.maxConnections = allowOpenFiles(self.factory.maxConnections, self._log)
 
 
 def listeningService(
-    reactor: Any, addresses: Iterable[ListenAddress], factory: KVFactory, *, authenticated: bool
+    reactor: Any,
+    addresses: Iterable[ListenAddress],
+    factory: KVFactory,
+    *,
+    authenticated: bool,
+    announce: Callable[[], None] = lambda: None,
 ) -> KVService:
     """
-    The service that serves ``factory`` on every ``--port`` address.
+    The service that serves ``factory`` on every ``--port`` address, after ``announce``.
 
     Without authentication, it warns about each address that other
     machines can reach.
     """
-    listening = KVService(factory)
+    listening = KVService(factory, announce)
     for address in addresses:
         endpoint = endpoints.serverFromString(reactor, address.endpointDescription)
         ListeningPort(endpoint, factory, address, warnIfExposed=not authenticated).setServiceParent(listening)

@@ -11,7 +11,7 @@ prometheus-client's own Twisted resource; both are served by
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -19,7 +19,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 from twisted.application import internet, service
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IReactorCore
 from twisted.web import resource, server
 from twisted.web.server import Request
 
@@ -111,7 +110,7 @@ class HealthResource(resource.Resource):
 
 
 def metricsService(
-    reactor: IReactorCore, description: str, factory: KVFactory, durable: DurableStore | None
+    reactor: Any, description: str, factory: KVFactory, durable: DurableStore | None
 ) -> service.IService:
     """The web service for ``--metrics``: ``/metrics`` and ``/healthz`` on the endpoint ``description``."""
     registry = CollectorRegistry()

@@ -66,6 +66,21 @@ class DurableStore(JournaledStore):
         _log.critical("kvstore: THE STORE IS NOW READ-ONLY: {reason}. {help}", reason=reason, help=READ_ONLY_HELP)
 
 
+def announceStore(store: DurableStore | None) -> None:
+    """
+    Tell the operator which store this is and what recovery found, before the server listens.
+
+    ``None`` stands for the in-memory store, which, free of Twisted, logs nothing itself.
+    """
+    if store is None:
+        _log.info("kvstore: store: memory")
+        return
+    _log.info("kvstore: store: data directory {dir} (fsync {fsync})", dir=store.dirPath, fsync=store.fsync)
+    for warning in store.warnings:
+        _log.warn("kvstore: recovery: {warning}", warning=warning)
+    _log.info("kvstore: {count} keys loaded from {dir}", count=len(store), dir=store.dirPath)
+
+
 def _inThreadPool(reactor: IReactorThreads) -> RunBlocking:
     def run(fn: Callable[[], object]) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn)
@@ -84,12 +99,6 @@ class DurableService(service.Service):
         store = self.store
         # twistd may have forked into the background since the lock was taken.
         store.lock.recordOwner()
-        for warning in store.warnings:
-            _log.warn("kvstore: recovery: {warning}", warning=warning)
-        _log.info(
-            "kvstore: {count} keys loaded from {dir} (fsync {fsync})",
-            count=len(store), dir=store.dirPath, fsync=store.fsync,
-        )
         store.policy.start()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -106,7 +115,12 @@ class DurableService(service.Service):
         return stopped
 
     def _close(self) -> None:
+        store = self.store
         try:
-            self.store.close()
+            store.close()
         except JournalSyncError as e:
             _log.critical("kvstore: final fsync of the journal failed: {error}", error=e)
+        else:
+            _log.info(
+                "kvstore: journal flushed and fsynced; {count} keys in {dir}", count=len(store), dir=store.dirPath
+            )

@@ -51,8 +51,9 @@ class Recovered:
 
 def repairHint(dirPath: str) -> str:
     return (
-        f"Nothing was changed. To keep everything before that offset and move the rest aside, "
-        f"stop the server and run: kvtwist-repair {dirPath}"
+        f"Nothing was changed. To keep everything before that offset and move the rest aside, run: "
+        f"kvtwist-repair {dirPath} (or kvtwist-repair --salvage {dirPath} to also keep the good records "
+        f"after the damage; docs/durability.md says when each is right)"
     )
 
 
@@ -141,7 +142,7 @@ def _checkNothingMissing(dirPath: str, base: int, generations: list[int]) -> Non
             raise RecoveryError(
                 f"{here(journalName(base))} is missing: it holds every change made since "
                 f"{here(snapshotName(base))} was taken, and starting without it would silently lose them. "
-                f"Nothing was changed. Restore it from a backup. If there is none, stop the server and run "
+                f"Nothing was changed. Restore it from a backup. If there is none, run "
                 f"kvtwist-repair {dirPath}: it creates the journal empty, and the directory then loads the "
                 f"snapshot's keys, without the changes made since."
             )
@@ -161,7 +162,7 @@ def _checkNothingMissing(dirPath: str, base: int, generations: list[int]) -> Non
             raise RecoveryError(
                 f"{here(journalName(expected))} is missing: it comes before {here(journalName(generation))}, "
                 f"and starting without it would silently lose the changes it held. Nothing was changed. "
-                f"Restore it from a backup. If there is none, stop the server and run kvtwist-repair {dirPath}: "
+                f"Restore it from a backup. If there is none, run kvtwist-repair {dirPath}: "
                 f"it moves {journalName(generation)} and any later journals aside, and the directory then "
                 f"loads the state as of {after}, without the changes made since."
             )
@@ -191,7 +192,7 @@ def _checkEnds(dirPath: str, scans: list[journal.JournalScan]) -> list[journal.J
         raise RecoveryError(
             f"{missing} is missing: {newest.path} ends saying that writes went on in it, and starting "
             f"without it would silently lose them. Nothing was changed. Restore it from a backup. If there "
-            f"is none, stop the server and run kvtwist-repair {dirPath}: it creates the journal empty, and the "
+            f"is none, run kvtwist-repair {dirPath}: it creates the journal empty, and the "
             f"directory then loads the state as of the end of {newest.path}, without the changes made since."
         )
     return []
