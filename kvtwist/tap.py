@@ -26,6 +26,9 @@ from kvtwist.version import version
 
 
 class Options(usage.Options):
+    optFlags = [
+        ["log-connections", None, "Log each connection's open and close, with why it closed (never each request)."],
+    ]
     optParameters = [
         ["max-request", None, DEFAULT_MAX_REQUEST, "Longest request accepted, in bytes.", positiveInt("max-request")],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Most connections served at once.", positiveInt("max-connections")],
@@ -104,6 +107,7 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
         password=config["password-file"],
         reactor=reactor,
         timing=config["metrics"] is not None,
+        logConnections=bool(config["log-connections"]),
     )
     # Without a password the listeners warn about every address that other
     # machines can reach.

@@ -6,6 +6,7 @@ import re
 
 import pytest
 from hypothesis import given, strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -493,3 +494,35 @@ def test_a_request_on_its_way_is_not_idle() -> None:
     proto.dataReceived(b"\n")
     assert transport.value() == b"Error: unknown command (expected put, get, del or Bye)\n"
     assert not transport.disconnecting
+
+
+def test_log_connections_logs_each_open_and_close_with_its_reason() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
+    clock = Clock()
+    factory = KVFactory(MemoryStore(), reactor=clock, logConnections=True, idleTimeout=1)
+    with capturedLogs() as events:
+        first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+        first.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000)))
+        second.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 4001)))
+        first.dataReceived(b"get 1\nBye\n")
+        first.connectionLost()
+        clock.advance(1)
+        second.connectionLost()
+    lines = [formatEvent(e) for e in events]
+    assert lines == [
+        "kvstore: connection from 192.0.2.1:4000 opened",
+        "kvstore: connection from 192.0.2.2:4001 opened",
+        "kvstore: connection from 192.0.2.1:4000 closed: Bye (Connection was closed cleanly.)",
+        "kvstore: connection from 192.0.2.2:4001 closed: idle timeout (Connection was closed cleanly.)",
+    ]
+
+
+def test_connections_are_not_logged_by_default() -> None:
+    from twisted.logger import capturedLogs
+
+    with capturedLogs() as events:
+        proto, transport = connect()
+        proto.dataReceived(b"get 1\nBye\n")
+        proto.connectionLost()
+    assert not list(events)

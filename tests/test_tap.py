@@ -286,3 +286,9 @@ def test_plugin_is_discovered() -> None:
     makers = {p.tapname: p for p in getPlugins(IPlugin, twisted.plugins) if hasattr(p, "tapname")}
     assert "kvstore" in makers
     assert makers["kvstore"].options is Options
+
+
+def test_log_connections() -> None:
+    assert not makeService(parse("--port", "6000"), reactor=MemoryReactor()).factory.logConnections
+    svc = makeService(parse("--port", "6000", "--log-connections"), reactor=MemoryReactor())
+    assert svc.factory.logConnections

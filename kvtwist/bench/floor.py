@@ -47,6 +47,7 @@ class FloorFactory(Factory[Protocol]):
     protocol = FloorProtocol
     idleTimeout = 0.0
     password = None
+    logConnections = False
 
     def __init__(self) -> None:
         self.connections = 0

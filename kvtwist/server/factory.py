@@ -62,6 +62,7 @@ class KVFactory(Factory[Protocol]):
         password: bytes | None = None,
         reactor: Any = None,
         timing: bool = False,
+        logConnections: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -76,6 +77,8 @@ class KVFactory(Factory[Protocol]):
         self.stats = ServerStats()
         # Whether to measure each chunk's latency (two clock readings a chunk): with --metrics.
         self.timing = timing
+        # Log each connection's open and close (--log-connections); never each request.
+        self.logConnections = logConnections
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self.connections >= self.maxConnections:

@@ -166,6 +166,8 @@ class KVProtocol(Protocol, TimeoutMixin):
         stats = self.factory.stats
         stats.accepted += 1
         self._counts = stats.requests
+        if self.factory.logConnections:
+            self._log.info("kvstore: connection from {peer} opened", peer=_peer(self.transport))
         if self.factory.password is not None:
             self._commands = _LOCKED
         self.setTimeout(self.factory.idleTimeout or None)
@@ -187,6 +189,11 @@ class KVProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
         self.factory.stats.closed[self._closeReason or "client"] += 1
+        if self.factory.logConnections:
+            self._log.info(
+                "kvstore: connection from {peer} closed: {why} ({detail})", peer=_peer(self.transport),
+                why=_CLOSE_REASONS[self._closeReason], detail=reason.getErrorMessage(),
+            )
         self.setTimeout(None)
         for timer in (self._deadline, self._abort):
             if timer is not None and timer.active():
@@ -525,6 +532,26 @@ _LOCKED: dict[bytes, _Command] = {
     verb: (arity, KVProtocol.refuseUnauthenticated if verb in (b"put", b"get", b"del") else handler, usage)
     for verb, (arity, handler, usage) in _COMMANDS.items()
 }
+
+
+# What each of the server's reasons to end a connection means, for --log-connections.
+_CLOSE_REASONS = {
+    None: "by the client",
+    "client": "the client ended its input",
+    "bye": "Bye",
+    "too_long": "request too long",
+    "idle": "idle timeout",
+    "request_timeout": "request timeout",
+    "auth": "too many wrong passwords",
+}
+
+
+def _peer(transport: object) -> str:
+    """The client's address as a log shows it."""
+    getPeer = getattr(transport, "getPeer", None)
+    address = getPeer() if getPeer is not None else None
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None and port is not None else str(address)
 
 
 def _tooLong(size: int, last: bytes, limit: int) -> bool:
