@@ -526,3 +526,25 @@ def test_connections_are_not_logged_by_default() -> None:
         proto.dataReceived(b"get 1\nBye\n")
         proto.connectionLost()
     assert not list(events)
+
+
+def test_a_client_that_does_not_take_its_replies_has_the_request_time() -> None:
+    proto, transport, clock = clocked(requestTimeout=10)
+    proto.dataReceived(b"get 1\n")
+    proto.pauseProducing()  # the transport's send buffer is full
+    clock.advance(9)
+    proto.resumeProducing()  # the client read some: the clock starts over at the next pause
+    proto.pauseProducing()
+    clock.advance(9)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.value().endswith(b"Error: request timeout\n") and transport.disconnecting
+    assert transport.producerState == "producing", "reading resumes, so that a TLS close can complete"
+
+
+def test_a_paused_connection_that_resumes_keeps_no_clock() -> None:
+    proto, transport, clock = clocked(requestTimeout=10)
+    proto.pauseProducing()
+    proto.resumeProducing()
+    clock.advance(100)
+    assert not transport.disconnecting

@@ -228,15 +228,23 @@ class KVProtocol(Protocol, TimeoutMixin):
         else:
             self._pieces, self._pending = [], 0
             self._closeReason = "request_timeout"
+            # (Or replies not taken in time: flow control had paused reading.)
             self._finish(Batch(REQUEST_TIMEOUT))
 
     # IPushProducer: the transport calls these about its send buffer.
 
     def pauseProducing(self) -> None:
         self._stream.pauseProducing()
+        # A client that does not take its replies has the request time to
+        # do so: it could otherwise hold its connection for good, as the
+        # server reads nothing more from it.
+        if self._pendingSince is None:
+            self._startRequestClock()
 
     def resumeProducing(self) -> None:
         if not self._closing:
+            if not self._pieces:
+                self._pendingSince = None
             self._stream.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -493,8 +501,11 @@ class KVProtocol(Protocol, TimeoutMixin):
             if replies:
                 transport.write(replies)
         if batch.last:
-            # A transport with a paused producer registered would wait for
-            # it forever instead of closing; flow control is over here.
+            # Flow control is over: reading resumes (what comes in is
+            # ignored), so that a TLS close can read the peer's close_notify,
+            # and a transport with a paused producer registered would wait
+            # for it forever instead of closing.
+            self._stream.resumeProducing()
             self._stream.unregisterProducer()
             transport.loseConnection()
             # A client that never reads would hold the connection while
