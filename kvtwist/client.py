@@ -23,6 +23,10 @@ fires the oldest waiting ``Deferred``. Example::
 ``ServerError`` for an ``Error: ...`` reply; ``request`` sends any line and
 returns the raw reply text, for tools that need to see exactly what the
 server said.
+
+A server started with ``--password-file`` wants ``auth PASSWORD`` before
+anything else: ``connect(endpoint, password=...)`` sends it and fires only
+once the server has accepted it, or fails with ``AuthenticationFailed``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,20 @@ class UnexpectedReply(KVClientError):
 
 class ConnectionClosing(KVClientError):
     """A request was made after ``bye()`` or after the connection was lost."""
+
+
+class AuthenticationFailed(KVClientError):
+    """The server did not accept ``auth``: a wrong password, or a server with no password set."""
+
+
+#: What the server answers ``auth`` with when it does not accept it, and
+#: what the client says instead (never the password itself).
+_AUTH_REFUSALS = {
+    "Error: invalid password": "the server refused the password (Error: invalid password)",
+    "Error: no password is set on this server": (
+        "the server has no password set (Error: no password is set on this server); connect without one"
+    ),
+}
 
 
 class KVClient(Protocol):
@@ -116,6 +134,25 @@ class KVClient(Protocol):
         return self.request(b"del %d" % (key,)).addCallback(
             _decode, {"OK": True, "Key not found": False}
         )
+
+    def auth(self, password: str | bytes) -> Deferred[None]:
+        """
+        Send ``auth PASSWORD``; fires with None once the server answers ``OK``.
+
+        Fails with ``AuthenticationFailed`` if the server refuses it (a wrong
+        password, or no password set on the server), and raises
+        ``ValueError`` at once for a password the protocol cannot carry: it
+        is one token, without spaces, tabs, line endings or NULs.
+        """
+        line = _authRequest(password)
+
+        def accepted(reply: str) -> None:
+            if reply in _AUTH_REFUSALS:
+                raise AuthenticationFailed(_AUTH_REFUSALS[reply])
+            if reply != "OK":
+                raise _unexpected(reply)
+
+        return self.request(line).addCallback(accepted)
 
     def bye(self) -> Deferred[None]:
         """
@@ -236,6 +273,15 @@ def _unexpected(reply: str) -> KVClientError:
     return UnexpectedReply(reply)
 
 
+def _authRequest(password: str | bytes) -> bytes:
+    """The ``auth`` request line for ``password``; ValueError if it is not one token."""
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    if not password or password.split() != [password] or b"\0" in password:
+        raise ValueError("a password is one word: no spaces, tabs, line endings or NULs")
+    return b"auth " + password
+
+
 def hostEndpoint(reactor: IReactorCore, host: str, port: int, timeout: float = 10.0) -> IStreamClientEndpoint:
     """
     A client endpoint for ``host`` (a name, an IPv4 or an IPv6 address) and ``port``.
@@ -246,9 +292,31 @@ def hostEndpoint(reactor: IReactorCore, host: str, port: int, timeout: float = 1
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
-def connect(endpoint: IStreamClientEndpoint) -> Deferred[KVClient]:
-    """Connect a new ``KVClient`` through ``endpoint``; fires once connected."""
-    return connectProtocol(endpoint, KVClient())
+def connect(endpoint: IStreamClientEndpoint, password: str | bytes | None = None) -> Deferred[KVClient]:
+    """
+    Connect a new ``KVClient`` through ``endpoint``; fires once connected.
+
+    With ``password``, the client authenticates first (``auth``), and the
+    ``Deferred`` fires only once the server has accepted the password. If
+    it does not, the connection is closed and the ``Deferred`` fails with
+    ``AuthenticationFailed``, whose message says why without the password.
+    """
+    if password is None:
+        return connectProtocol(endpoint, KVClient())
+    # A password the protocol cannot carry is refused before connecting.
+    _authRequest(password)
+    connecting = connectProtocol(endpoint, KVClient())
+
+    def authenticate(client: KVClient) -> Deferred[KVClient]:
+        def refused(failure: Failure) -> Failure:
+            # A client that is not let in is of no use to the caller.
+            if not client.closed:
+                client.connection.loseConnection()
+            return failure
+
+        return client.auth(password).addCallbacks(lambda _: client, refused)
+
+    return connecting.addCallback(authenticate)
 
 
 __all__ = [
@@ -257,6 +325,7 @@ __all__ = [
     "ServerError",
     "UnexpectedReply",
     "ConnectionClosing",
+    "AuthenticationFailed",
     "connect",
     "hostEndpoint",
     "MAX_REPLY",

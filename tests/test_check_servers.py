@@ -147,3 +147,49 @@ def test_runsAsAModule() -> None:
     )
     assert done.returncode == 0
     assert "--profile {assignment,kvtwist}" in done.stdout
+
+
+def test_aServerWithAPasswordIsCheckedWithThePasswordFile(tmp_path: Path) -> None:
+    """With --password-file every check passes; without it, or with a wrong one: one clear line, status 2."""
+    password, wrong = tmp_path / "password", tmp_path / "wrong"
+    password.write_text("s3cret-Pa55\n")
+    wrong.write_text("guess\n")
+    runs = [tmp_path / name for name in ("run-with", "run-without", "run-wrong")]
+    for run in runs:
+        run.mkdir()
+    server = start_server("--password-file", str(password))
+    try:
+        status, document, out, err = check(
+            server.host, server.port, runs[0], *QUICK, "--profile", "kvtwist", "--password-file", str(password)
+        )
+        assert status == 0, out + err
+        assert all(verdicts(document).values())
+        report = out + err + json.dumps(document)
+        assert "s3cret" not in report, "the password must never appear in a report"
+
+        status, document, out, err = check(server.host, server.port, runs[1], *QUICK)
+        assert status == 2 and document == {} and out == ""
+        address = f"{server.host}:{server.port}"
+        assert err == (
+            f"kvtwist-check: {address} requires a password (it answers 'Error: authentication required'): "
+            "give it with --password-file FILE\n"
+        )
+
+        status, document, out, err = check(server.host, server.port, runs[2], *QUICK, "--password-file", str(wrong))
+        assert status == 2 and document == {} and out == ""
+        assert err == (
+            f"kvtwist-check: cannot connect to {address}: the server refused the password (Error: invalid password)\n"
+        )
+        assert "guess" not in err
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("content", ["", "two words\n", "a\nb\n"])
+def test_aPasswordFileTheServerWouldRefuseIsAUsageError(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "password"
+    path.write_text(content)
+    done = subprocess.run([CHECKER, "127.0.0.1", "1", "--password-file", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "usage: kvtwist-check" in done.stderr and "--password-file" in done.stderr

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -13,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from kvtwist.client import (
     MAX_REPLY,
+    AuthenticationFailed,
     ConnectionClosing,
     KVClient,
     ServerError,
@@ -200,6 +204,100 @@ def test_requestsAreSingleLines() -> None:
         client.request(b"get 1\nget 2")
 
 
+class StringEndpoint:
+    """A client endpoint whose connections are StringTransports, connected at once."""
+
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+        self.clients: list[KVClient] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        self.transports.append(transport)
+        self.clients.append(protocol)
+        protocol.makeConnection(transport)
+        return succeed(protocol)
+
+
+def connectingWithPassword(password: Any) -> tuple[Deferred[KVClient], KVClient, StringTransport]:
+    endpoint = StringEndpoint()
+    deferred = connect(endpoint, password=password)  # type: ignore[arg-type]
+    [client], [transport] = endpoint.clients, endpoint.transports
+    return deferred, client, transport
+
+
+def fired(deferred: Deferred[Any]) -> bool:
+    outcome: list[object] = []
+    deferred.addBoth(lambda value: outcome.append(value) or value)
+    return bool(outcome)
+
+
+@pytest.mark.parametrize(
+    "password, sent",
+    [
+        ("s3cret", b"auth s3cret\n"),
+        (b"\xc3\xa9t\xc3\xa9", b"auth \xc3\xa9t\xc3\xa9\n"),
+        ("été", "auth été\n".encode()),
+    ],
+)
+def test_connectWithPasswordAuthenticatesBeforeFiring(password: Any, sent: bytes) -> None:
+    deferred, client, transport = connectingWithPassword(password)
+    assert transport.value() == sent
+    assert not fired(deferred), "a client is handed out only once it is let in"
+    client.dataReceived(b"OK\n")
+    assert result(deferred) is client and not transport.disconnecting
+    client.get(1)
+    assert transport.value() == sent + b"get 1\n"
+
+
+@pytest.mark.parametrize(
+    "reply, says",
+    [
+        (b"Error: invalid password\n", "the server refused the password (Error: invalid password)"),
+        (b"Error: no password is set on this server\n", "the server has no password set"),
+    ],
+)
+def test_connectFailsClearlyWhenThePasswordIsNotAccepted(reply: bytes, says: str) -> None:
+    deferred, client, transport = connectingWithPassword("s3cret")
+    client.dataReceived(reply)
+    with pytest.raises(AuthenticationFailed) as raised:
+        result(deferred)
+    assert str(raised.value).startswith(says)
+    assert "s3cret" not in str(raised.value)
+    assert transport.disconnecting, "a client that is not let in is closed"
+
+
+def test_connectFailsWhenTheConnectionEndsBeforeTheReply() -> None:
+    deferred, client, _ = connectingWithPassword("s3cret")
+    client.connectionLost(Failure(ConnectionLost()))
+    with pytest.raises(ConnectionLost):
+        result(deferred)
+
+
+def test_anOddReplyToAuthIsAnError() -> None:
+    deferred, client, transport = connectingWithPassword("s3cret")
+    client.dataReceived(b"Error: authentication required\n")
+    with pytest.raises(ServerError, match="^authentication required$"):
+        result(deferred)
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("password", ["", "two words", "tab\there", "line\nend", "nul\0", b"cr\r"])
+def test_aPasswordTheProtocolCannotCarryIsRefusedBeforeConnecting(password: Any) -> None:
+    endpoint = StringEndpoint()
+    with pytest.raises(ValueError, match="one word"):
+        connect(endpoint, password=password)  # type: ignore[arg-type]
+    assert endpoint.transports == []
+
+
+def test_connectWithoutPasswordSendsNothing() -> None:
+    endpoint = StringEndpoint()
+    client = result(connect(endpoint))  # type: ignore[arg-type]
+    assert isinstance(client, KVClient)
+    assert endpoint.transports[0].value() == b""
+
+
 class RealServerTests(TestCase):
     """The library against a real ``twistd kvstore`` on the running reactor."""
 
@@ -233,3 +331,44 @@ class RealServerTests(TestCase):
         self.assertEqual(puts, [True] * len(keys))
         self.assertEqual(values, [-key for key in reversed(keys)])
         await client.bye()
+
+
+class PasswordServerTests(TestCase):
+    """``connect(..., password=...)`` against real servers with and without ``--password-file``."""
+
+    def setUp(self) -> None:
+        from serverproc import start_server
+
+        directory = Path(tempfile.mkdtemp(prefix="kvtwist-client-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        passwordFile = directory / "password"
+        passwordFile.write_text("s3cret\n")
+        self.locked = start_server("--password-file", str(passwordFile))
+        self.addCleanup(self.locked.stop)
+        self.open = start_server()
+        self.addCleanup(self.open.stop)
+
+    def endpoint(self, server: Any) -> Any:
+        from twisted.internet import reactor
+
+        return hostEndpoint(reactor, server.host, server.port)
+
+    async def test_theRightPasswordLetsTheClientIn(self) -> None:
+        client = await connect(self.endpoint(self.locked), password="s3cret")
+        self.assertTrue(await client.put(1, 2))
+        self.assertEqual(await client.get(1), 2)
+        await client.bye()
+
+    async def test_withoutThePasswordEveryRequestIsRefused(self) -> None:
+        client = await connect(self.endpoint(self.locked))
+        with self.assertRaisesRegex(ServerError, "^authentication required$"):
+            await client.get(1)
+        await client.bye()
+
+    async def test_aWrongPasswordFailsTheConnect(self) -> None:
+        with self.assertRaisesRegex(AuthenticationFailed, "refused the password"):
+            await connect(self.endpoint(self.locked), password="guess")
+
+    async def test_aPasswordForAServerWithoutOneFailsTheConnect(self) -> None:
+        with self.assertRaisesRegex(AuthenticationFailed, "has no password set"):
+            await connect(self.endpoint(self.open), password="s3cret")

@@ -548,3 +548,22 @@ def test_a_paused_connection_that_resumes_keeps_no_clock() -> None:
     proto.resumeProducing()
     clock.advance(100)
     assert not transport.disconnecting
+
+
+def test_replies_read_while_paused_do_not_stop_the_clock() -> None:
+    """Over TLS, data decrypted before a pause still arrives after it."""
+    proto, transport, clock = clocked(requestTimeout=10)
+    proto.dataReceived(b"get 1\n")
+    proto.pauseProducing()
+    proto.dataReceived(b"get 2\n")
+    clock.advance(10)
+    assert transport.value().endswith(b"Error: request timeout\n")
+
+
+def test_a_batch_delivered_after_the_connection_is_gone_is_dropped() -> None:
+    from kvtwist.storage.interface import Batch
+
+    proto, transport, clock = clocked()
+    proto.connectionLost()
+    proto.sendReplies(Batch(b"OK\n", last=True))
+    assert transport.value() == b"" and not clock.getDelayedCalls()

@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence, TextIO
 
 from twisted.internet.task import react
+from twisted.python import usage
 
 from kvtwist.check.report import allPassed, renderJSON, renderText
 from kvtwist.check.runner import runChecks
 from kvtwist.check.target import ASSIGNMENT, PROFILES, Settings, Target
+from kvtwist.client import KVClient
+from kvtwist.server.arguments import passwordFile
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
+
+#: What a kvtwist server started with --password-file answers before ``auth``.
+AUTH_REQUIRED = "Error: authentication required"
 
 PROGRAM = "kvtwist-check"
 
@@ -75,7 +81,20 @@ def parser() -> argparse.ArgumentParser:
         help=f"the server's request limit, for the kvtwist profile's too-long check (default {DEFAULT_MAX_REQUEST}, "
         "kvtwist's default)",
     )
+    arguments.add_argument(
+        "--password-file", type=Path, metavar="FILE",
+        help="for a server started with --password-file: every connection first sends auth with the password "
+        "on this file's one line (it never appears in the report)",
+    )
     return arguments
+
+
+def _readPassword(path: Path) -> bytes:
+    """The password in ``path``, by the server's own rules for its --password-file; a usage error if it breaks them."""
+    try:
+        return passwordFile(str(path))
+    except usage.UsageError as e:
+        parser().error(str(e))
 
 
 def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
@@ -92,6 +111,7 @@ def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
         profile=options.profile,
         timeout=options.timeout,
         maxRequest=options.max_request,
+        password=None if options.password_file is None else _readPassword(options.password_file),
     )
     return settings, options.json
 
@@ -115,6 +135,13 @@ async def run(
     except Exception as e:
         print(f"{PROGRAM}: cannot connect to {target.address}: {e}", file=err)
         return 2
+    if settings.password is None and await _wantsPassword(reactor, client, settings.timeout):
+        print(
+            f"{PROGRAM}: {target.address} requires a password (it answers 'Error: authentication required'): "
+            "give it with --password-file FILE",
+            file=err,
+        )
+        return 2
     client.connection.loseConnection()
     target.progress(f"checking {target.address} with profile {settings.profile}, seed {settings.seed}")
     results = await runChecks(target)
@@ -122,6 +149,19 @@ async def run(
     if jsonPath is not None:
         jsonPath.write_text(renderJSON(target.address, settings.shown(), results))
     return 0 if allPassed(results) else 1
+
+
+async def _wantsPassword(reactor: Any, client: KVClient, timeout: float) -> bool:
+    """Whether the server refuses a harmless read until the client authenticates (kvtwist's --password-file)."""
+    try:
+        reply = await client.request("get 1").addTimeout(timeout, reactor)
+    except Exception:
+        # Silence or a lost connection: the checks will say what is wrong.
+        return False
+    if reply == AUTH_REQUIRED:
+        client.connection.loseConnection()
+        return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

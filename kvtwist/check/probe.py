@@ -18,6 +18,9 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITC
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from kvtwist.client import AuthenticationFailed
+
+
 def showBytes(data: bytes, limit: int = 120) -> str:
     """``data`` as a Python bytes literal, shortened in the middle if long."""
     if len(data) > limit:
@@ -88,6 +91,21 @@ class Probe(Protocol):
         """Write ``data`` in one write."""
         self._note(f"sent     {showBytes(data)}")
         self.connection.write(data)
+
+    async def authenticate(self, password: bytes, timeout: float) -> None:
+        """
+        Send ``auth PASSWORD`` and take its ``OK``, so that the check's own exchanges start after it.
+
+        The transcript shows that it happened, never the password. Raises
+        ``AuthenticationFailed`` with the server's reply if that is not ``OK``.
+        """
+        self._note("sent     auth with the password from --password-file")
+        self.connection.write(b"auth %s\n" % password)
+        reply = await self.nextLine(timeout)
+        if reply is None or reply.rstrip(b"\r") != b"OK":
+            self.close()
+            what = "no reply" if reply is None else repr(reply)
+            raise AuthenticationFailed(f"auth with the password from --password-file got {what}, not 'OK'")
 
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset), as a crashing client would."""

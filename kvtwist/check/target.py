@@ -5,10 +5,10 @@ The server under test and the settings of a run, shared by every check.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from kvtwist.client import KVClient, connect, hostEndpoint
@@ -39,6 +39,9 @@ class Settings:
     #: The server's request limit (kvtwist's ``--max-request``); the
     #: kvtwist profile sends a request twice as long and expects it refused.
     maxRequest: int = DEFAULT_MAX_REQUEST
+    #: Sent with ``auth`` first on every connection (``--password-file``).
+    #: Kept out of ``repr`` and of ``shown``: a report never holds it.
+    password: bytes | None = field(default=None, repr=False)
 
     def shown(self) -> dict[str, Any]:
         """The settings a report prints (enough to repeat the run)."""
@@ -88,12 +91,21 @@ class Target:
         return hostEndpoint(self.reactor, self.settings.host, self.settings.port, self.settings.timeout)
 
     def client(self) -> Deferred[KVClient]:
-        """A new connected ``KVClient``."""
-        return connect(self._endpoint())
+        """A new connected ``KVClient``, authenticated when the run has a password."""
+        return connect(self._endpoint(), password=self.settings.password)
 
     def probe(self, name: str, transcript: Transcript) -> Deferred[Probe]:
-        """A new connected raw ``Probe`` writing into ``transcript``."""
-        return openProbe(self.reactor, self._endpoint(), name, transcript)
+        """A new connected raw ``Probe`` writing into ``transcript``, authenticated when the run has a password."""
+        opening = openProbe(self.reactor, self._endpoint(), name, transcript)
+        password = self.settings.password
+        if password is None:
+            return opening
+
+        async def authenticated(probe: Probe) -> Probe:
+            await probe.authenticate(password, self.settings.timeout)
+            return probe
+
+        return opening.addCallback(lambda probe: ensureDeferred(authenticated(probe)))
 
     def sleep(self, seconds: float) -> Deferred[None]:
         return deferLater(self.reactor, seconds)

@@ -142,6 +142,10 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._closing = False
+        # Flow control has paused reading (the client does not take its replies).
+        self._paused = False
+        # The connection is gone: a store may still deliver to it (a batch that waited for an fsync).
+        self._lost = False
         self._commands = _COMMANDS
         self._authFailures = 0
         # Why the server ended the connection, for the stats (None: the client did).
@@ -187,6 +191,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._stream.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         self.factory.connections -= 1
         self.factory.stats.closed[self._closeReason or "client"] += 1
         if self.factory.logConnections:
@@ -234,6 +239,7 @@ class KVProtocol(Protocol, TimeoutMixin):
     # IPushProducer: the transport calls these about its send buffer.
 
     def pauseProducing(self) -> None:
+        self._paused = True
         self._stream.pauseProducing()
         # A client that does not take its replies has the request time to
         # do so: it could otherwise hold its connection for good, as the
@@ -242,6 +248,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._startRequestClock()
 
     def resumeProducing(self) -> None:
+        self._paused = False
         if not self._closing:
             if not self._pieces:
                 self._pendingSince = None
@@ -291,7 +298,10 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._pieces, self._pending = [], 0
         else:
             buffered = data
-        self._pendingSince = None
+        if not self._paused:
+            # (While paused, a TLS transport still hands over what it had
+            # decrypted: that does not stop the clock on unread replies.)
+            self._pendingSince = None
         lines = buffered.split(b"\n")
         rest = lines.pop()
         batch = Batch()
@@ -477,6 +487,8 @@ class KVProtocol(Protocol, TimeoutMixin):
         not take is queued. Sending only when the queue is empty keeps the
         order; TLS and any other transport always take the ordinary path.
         """
+        if self._lost:
+            return
         replies = batch.replies
         transport = self.transport
         assert transport is not None, "not connected"
