@@ -10,9 +10,9 @@ They are written the way a student might write them (asyncio, or a plain
 blocking socket loop), so the checker is tested against servers that are
 not kvtwist:
 
-- ``correct``: right in everything the assignment mandates, but with its own
+- ``correct``: right in everything the basic profile checks, but with its own
   error texts and a lenient integer parser; it must pass the
-  ``assignment`` profile and fail the ``kvtwist`` one.
+  ``basic`` profile and fail the ``kvtwist`` one.
 - ``overwrite``: ``put`` replaces an existing value and says ``OK``.
 - ``lossy``: every 10th ``put`` says ``OK`` but stores nothing.
 - ``per-client``: each connection has a store of its own.

@@ -3,15 +3,20 @@ kvtwist-check end to end: the installed console script against real servers.
 
 kvtwist itself must pass both profiles; each deliberately broken server in
 ``brokenservers`` must fail the checks that its bug violates; a correct
-server with its own error texts must pass the assignment profile.
+server with its own error texts must pass the basic profile; a server of
+another protocol (redis) must fail, linearizability included.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,7 @@ def verdicts(document: dict[str, Any]) -> dict[str, bool]:
     return {entry["title"]: entry["passed"] for entry in document["checks"]}
 
 
-@pytest.mark.parametrize("profile", ["assignment", "kvtwist"])
+@pytest.mark.parametrize("profile", ["basic", "kvtwist"])
 def test_kvtwistPasses(kvserver: ServerProcess, tmp_path: Path, profile: str) -> None:
     """The real server, the default 50 clients: every check passes, exit status 0."""
     status, document, out, err = check(
@@ -65,7 +70,7 @@ def test_kvtwistPasses(kvserver: ServerProcess, tmp_path: Path, profile: str) ->
         ("lossy", {"concurrency: linearizability"}),
         ("per-client", {"concurrency: cross-client visibility", "concurrency: linearizability"}),
         ("one-at-a-time", {"serving at the same time: an idle client", "serving at the same time: a half-sent request"}),
-        ("reorder", {"conformance: 200 pipelined requests"}),
+        ("reorder", {"conformance: 1050 pipelined requests"}),
     ],
 )
 def test_brokenServerIsCaught(tmp_path: Path, name: str, mustFail: set[str]) -> None:
@@ -76,7 +81,7 @@ def test_brokenServerIsCaught(tmp_path: Path, name: str, mustFail: set[str]) -> 
     assert mustFail <= failing, out
 
 
-def test_correctServerWithOtherErrorTextsPassesTheAssignment(tmp_path: Path) -> None:
+def test_correctServerWithOtherErrorTextsPassesTheBasicProfile(tmp_path: Path) -> None:
     with brokenServer("correct") as (host, port):
         status, document, out, err = check(host, port, tmp_path, *QUICK)
         assert status == 0, out + err
@@ -146,7 +151,7 @@ def test_runsAsAModule() -> None:
         [sys.executable, "-m", "kvtwist.check", "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0
-    assert "--profile {assignment,kvtwist}" in done.stdout
+    assert "--profile {basic,kvtwist}" in done.stdout
 
 
 def test_aServerWithAPasswordIsCheckedWithThePasswordFile(tmp_path: Path) -> None:
@@ -193,3 +198,43 @@ def test_aPasswordFileTheServerWouldRefuseIsAUsageError(tmp_path: Path, content:
                           timeout=60)
     assert done.returncode == 2
     assert "usage: kvtwist-check" in done.stderr and "--password-file" in done.stderr
+
+
+@contextmanager
+def redisServer() -> Iterator[int]:
+    """A throwaway redis-server on a free port, keeping nothing on disk; skips the test without redis."""
+    program = shutil.which("redis-server")
+    if program is None:
+        pytest.skip("redis-server is not installed")
+    port = freePort()
+    process = subprocess.Popen(
+        [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_aServerOfAnotherProtocolDoesNotPassLinearizability(tmp_path: Path) -> None:
+    """redis answers ':0', '$-1' and '-ERR unknown command': nothing there can prove atomicity."""
+    with redisServer() as port:
+        status, document, out, err = check("127.0.0.1", port, tmp_path, *QUICK)
+    assert status == 1, out + err
+    linear = next(entry for entry in document["checks"] if entry["title"] == "concurrency: linearizability")
+    assert linear["passed"] is False
+    assert linear["summary"].startswith("not checked: "), linear["summary"]
+    assert "neither a reply the protocol allows for their request nor an 'Error: ' line" in linear["summary"]
+    assert "PASS  concurrency: linearizability" not in out
+    assert "one atomic store shared by all clients" not in out

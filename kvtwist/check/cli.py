@@ -10,21 +10,23 @@ a server that cannot be reached at all.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence, TextIO
+from typing import IO, Any, NoReturn, Sequence, TextIO
 
 from twisted.internet.task import react
 from twisted.python import usage
 
 from kvtwist.check.report import allPassed, renderJSON, renderText
 from kvtwist.check.runner import runChecks
-from kvtwist.check.target import ASSIGNMENT, PROFILES, Settings, Target
+from kvtwist.check.target import BASIC, DEPRECATED_PROFILES, KVTWIST, PROFILES, Settings, Target
 from kvtwist.client import KVClient
 from kvtwist.server.arguments import passwordFile
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
+from kvtwist.version import version
 
 #: What a kvtwist server started with --password-file answers before ``auth``.
 AUTH_REQUIRED = "Error: authentication required"
@@ -51,6 +53,24 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _profile(text: str) -> str:
+    """A profile name; an old name becomes its new one, with a warning, so old scripts keep working."""
+    new = DEPRECATED_PROFILES.get(text)
+    if new is None:
+        return text
+    print(f"{PROGRAM}: warning: --profile {text} is the old name of --profile {new}", file=sys.stderr)
+    return new
+
+
+PROFILE_HELP = (
+    f"which rules to hold the server to. {BASIC} (default): the rules any server of this protocol must follow: "
+    "the fixed replies, pipelined replies in order, CRLF requests, and any reply to undefined input as long as "
+    f"the connection keeps working. {KVTWIST}: also kvtwist's stricter documented rules (docs/protocol.md): "
+    "verbs in any case, tabs, exact 64-bit integers, 'Error: ' replies, NUL and blank requests, the request "
+    f"limit, bare LF reply endings. ({', '.join(DEPRECATED_PROFILES)} is an old name of {BASIC}.)"
+)
+
+
 def parser() -> argparse.ArgumentParser:
     arguments = argparse.ArgumentParser(
         prog=PROGRAM,
@@ -59,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all checks passed, 1 a check failed, 2 usage error or server unreachable. "
         "The checker writes and deletes keys: do not point it at data you need.",
     )
+    arguments.add_argument("--version", action="version", version=f"kvtwist {version()}")
     arguments.add_argument("host", help="server host name or address")
     arguments.add_argument("port", type=_port, help="server TCP port")
     arguments.add_argument("--clients", type=_positive(int), default=50, help="concurrent clients (default 50)")
@@ -69,8 +90,7 @@ def parser() -> argparse.ArgumentParser:
     arguments.add_argument("--seed", type=int, help="seed for every random choice (default: a random one, reported)")
     arguments.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
     arguments.add_argument(
-        "--profile", choices=PROFILES, default=ASSIGNMENT,
-        help="assignment: only what the assignment mandates (default); kvtwist: also docs/protocol.md's stricter rules",
+        "--profile", type=_profile, choices=PROFILES, default=BASIC, help=PROFILE_HELP,
     )
     arguments.add_argument(
         "--timeout", type=_positive(float), default=5.0,
@@ -95,6 +115,52 @@ def _readPassword(path: Path) -> bytes:
         return passwordFile(str(path))
     except usage.UsageError as e:
         parser().error(str(e))
+
+
+class JSONReport:
+    """
+    The ``--json`` file, opened before the run so that a path that cannot be
+    written is a usage error at once, not a traceback after minutes of checks.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._existed = path.exists()
+        self._file: IO[str] | None = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        """Replace the file's content with ``text``."""
+        assert self._file is not None
+        try:
+            self._file.truncate(0)
+        except OSError:
+            pass  # not a regular file (a pipe, /dev/stdout): nothing to truncate
+        self._file.write(text)
+        self._file.close()
+        self._file = None
+
+    def discard(self) -> None:
+        """No report after all (the server could not be checked): leave no empty file behind."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if not self._existed:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def openReport(path: Path | None) -> JSONReport | None:
+    """The ``--json`` file ready to write, or exit with status 2 and one line if it cannot be."""
+    if path is None:
+        return None
+    try:
+        return JSONReport(path)
+    except OSError as e:
+        print(f"{PROGRAM}: cannot write the JSON report to {path}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
@@ -126,9 +192,17 @@ def _progress(stream: TextIO) -> Any:
 
 
 async def run(
-    reactor: Any, settings: Settings, jsonPath: Path | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    reactor: Any, settings: Settings, report: JSONReport | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
     """Run every check and print the report; the exit status."""
+    try:
+        return await _run(reactor, settings, report, out, err)
+    finally:
+        if report is not None:
+            report.discard()
+
+
+async def _run(reactor: Any, settings: Settings, report: JSONReport | None, out: TextIO, err: TextIO) -> int:
     target = Target(reactor, settings, _progress(err))
     try:
         client = await target.client()
@@ -146,8 +220,8 @@ async def run(
     target.progress(f"checking {target.address} with profile {settings.profile}, seed {settings.seed}")
     results = await runChecks(target)
     out.write(renderText(target.address, settings.shown(), results))
-    if jsonPath is not None:
-        jsonPath.write_text(renderJSON(target.address, settings.shown(), results))
+    if report is not None:
+        report.write(renderJSON(target.address, settings.shown(), results))
     return 0 if allPassed(results) else 1
 
 
@@ -166,8 +240,9 @@ async def _wantsPassword(reactor: Any, client: KVClient, timeout: float) -> bool
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     settings, jsonPath = parseSettings(sys.argv[1:] if argv is None else argv)
+    report = openReport(jsonPath)
 
     async def checked(reactor: Any) -> None:
-        raise SystemExit(await run(reactor, settings, jsonPath))
+        raise SystemExit(await run(reactor, settings, report))
 
     react(checked)

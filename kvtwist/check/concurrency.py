@@ -146,8 +146,33 @@ def checkReplies(operations: list[Operation], clients: int, errors: list[str]) -
 
 
 def checkLinearizable(target: Target, operations: list[Operation]) -> CheckResult:
+    """
+    Whether the history is linearizable, or why it cannot be checked.
+
+    Replies outside the protocol (another protocol's, garbage) would count as
+    "effect unknown" in the search, and a history of nothing but unknowns is
+    trivially linearizable: such a history is reported as not checked, never
+    as a pass.
+    """
     name = "linearizability"
     keys = len({op.key for op in operations})
+    foreign = [op for op in operations if op.foreign]
+    if foreign:
+        return failed(
+            GROUP, name,
+            f"not checked: {len(foreign)} of {len(operations)} replies are neither a reply the protocol allows "
+            "for their request nor an 'Error: ' line, so the history cannot show what the server stored",
+            [op.describe() for op in foreign[:SHOWN]],
+            operations=len(operations), keys=keys,
+        )
+    if operations and all(op.outcome is Outcome.UNKNOWN for op in operations):
+        return failed(
+            GROUP, name,
+            f"not checked: none of the {len(operations)} requests got a reply that says what the server stored "
+            "(every one got no reply or an 'Error: ' line)",
+            [op.describe() for op in operations[:SHOWN]],
+            operations=len(operations), keys=keys,
+        )
     target.progress(f"concurrency: checking linearizability of {len(operations)} operations on {keys} keys")
     started = target.clock()
     verdicts = linearizability.checkHistory(operations)

@@ -1,10 +1,11 @@
 """
 Conformance: does the server answer single clients as the protocol says?
 
-Two profiles. ``assignment`` checks only what the assignment mandates: the
-sample session, the four fixed replies and closing after Bye, pipelined
-replies in order, and CRLF request endings; input the assignment says
-nothing about may get any reply, as long as the connection keeps working.
+Two profiles. ``basic`` checks only the rules any server of this protocol
+must follow (those of the assignment that defined it): the sample session,
+the four fixed replies and closing after Bye, pipelined replies in order,
+and CRLF request endings; input the protocol says nothing about may get any
+reply, as long as the connection keeps working.
 ``kvtwist`` adds the stricter rules of this project's protocol
 specification (docs/protocol.md): case-insensitive verbs, tabs, the exact
 64-bit integer syntax, ``Error: `` replies that never echo input, NUL and
@@ -36,10 +37,10 @@ def _clear(*keys: int, connection: int = 0) -> list[Exchange]:
 
 
 def sampleSession() -> Script:
-    """The assignment's sample session, request by request."""
+    """The protocol's sample session (as kvtwist's README shows it), request by request."""
     return Script(
         "sample session",
-        "the assignment's sample session gets exactly the sample's replies, and Bye closes",
+        "the protocol's sample session gets exactly the sample's replies, and Bye closes",
         (
             *_clear(1, 2, 5),
             ask("put 1 2", OK),
@@ -55,7 +56,12 @@ def sampleSession() -> Script:
 
 
 def pipelining(seed: int, count: int) -> Script:
-    """``count`` keys written, read, deleted and read again, all in one write."""
+    """
+    ``count`` keys written, read, deleted and read again, all in one write.
+
+    The check is named by the number of requests it really sends (5.25 per
+    key), so that its name and its summary agree.
+    """
     keys = workload.keys(seed, f"pipelining/{count}", count)
     order = workload.rng(seed, f"pipelining/order/{count}")
     values = {key: order.randrange(-(10**12), 10**12) for key in keys}
@@ -73,8 +79,8 @@ def pipelining(seed: int, count: int) -> Script:
         requests.append(line.encode() + b"\n")
         expect.append(wanted)
     return Script(
-        f"{count} pipelined requests",
-        f"{len(requests)} requests sent in one write get their replies in request order",
+        f"{len(requests)} pipelined requests",
+        f"{len(requests)} requests on {count} keys, sent in one write, get their replies in request order",
         (Exchange(b"".join(requests), tuple(expect)),),
     )
 
@@ -100,7 +106,7 @@ def crlf(seed: int) -> Script:
 
 
 def otherInput(seed: int) -> Script:
-    """Input the assignment does not define: any reply, but the connection must go on."""
+    """Input the protocol does not define: any reply, but the connection must go on."""
     key, other = workload.keys(seed, "other-input", 2)
     marker = "1234567"
     oddities = [
@@ -125,7 +131,7 @@ def otherInput(seed: int) -> Script:
     )
 
 
-def assignmentScripts(seed: int) -> list[Script]:
+def basicScripts(seed: int) -> list[Script]:
     return [sampleSession(), pipelining(seed, 200), crlf(seed), otherInput(seed)]
 
 
@@ -253,7 +259,7 @@ def tooLong(seed: int, maxRequest: int) -> Script:
 
 def kvtwistScripts(seed: int, maxRequest: int) -> list[Script]:
     return [
-        *assignmentScripts(seed),
+        *basicScripts(seed),
         pipelining(seed, 5000),
         caseInsensitive(seed),
         separators(seed),
@@ -271,5 +277,5 @@ async def checkConformance(target: Target) -> list[CheckResult]:
     if target.strict:
         scripts = kvtwistScripts(settings.seed, settings.maxRequest)
     else:
-        scripts = assignmentScripts(settings.seed)
+        scripts = basicScripts(settings.seed)
     return [target.finished(await runScript(target, "conformance", script)) for script in scripts]

@@ -70,6 +70,16 @@ class Operation:
         """
         return decodeReply(self.verb, self.reply)
 
+    @property
+    def foreign(self) -> bool:
+        """
+        Whether a reply came that the protocol allows neither as an answer
+        to this request nor as an ``Error: `` line: garbage, or another
+        protocol's reply. Such a reply says nothing about what the server
+        stored, so a history holding it cannot be checked for atomicity.
+        """
+        return self.reply is not None and self.outcome is Outcome.UNKNOWN and not isError(self.reply)
+
     def describe(self) -> str:
         """One line for a report: who, when, what was asked and answered."""
         end = "never" if math.isinf(self.ret) else f"{self.ret:.6f}"
@@ -82,6 +92,11 @@ _FIXED_REPLIES = {
     DEL: {"OK": Outcome.OK, "Key not found": Outcome.NOT_FOUND},
     GET: {"Key not found": Outcome.NOT_FOUND},
 }
+
+
+def isError(reply: str) -> bool:
+    """An ``Error: `` reply: allowed to any request, its effect unknown (the server may be overloaded, say)."""
+    return reply.startswith("Error: ")
 
 
 def decodeReply(verb: str, reply: str | None) -> Outcome | int:

@@ -63,7 +63,7 @@ class Exchange:
 
     ``connection`` numbers the connection to use (opened on first use), so
     a script can check that one client sees what another did. ``until``
-    is the lenient form for input the assignment says nothing about: any
+    is the lenient form for input the protocol's basic rules say nothing about: any
     lines may come first, but then this line must (the connection still
     works). ``closes`` says the server must close after the replies.
     """
@@ -93,8 +93,8 @@ async def runScript(target: Target, group: str, script: Script) -> CheckResult:
     """
     Play ``script``; pass if every reply matched, else fail with the transcript.
 
-    Under the assignment profile a CR before the LF of a reply is tolerated
-    (the assignment does not say how replies end); under the kvtwist profile
+    Under the basic profile a CR before the LF of a reply is tolerated
+    (the protocol's basic rules do not say how replies end); under the kvtwist profile
     every reply must end in a bare LF.
     """
     transcript = Transcript()

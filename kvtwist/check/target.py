@@ -16,9 +16,14 @@ from kvtwist.check.probe import Probe, Transcript, openProbe
 from kvtwist.check.report import CheckResult
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
 
-ASSIGNMENT = "assignment"
+#: The rules every server of this protocol must follow (the protocol's
+#: original assignment): fixed replies, pipelining, CRLF, surviving bad input.
+BASIC = "basic"
+#: BASIC plus kvtwist's stricter documented rules (docs/protocol.md).
 KVTWIST = "kvtwist"
-PROFILES = (ASSIGNMENT, KVTWIST)
+PROFILES = (BASIC, KVTWIST)
+#: Old profile names still accepted, so that existing scripts keep working.
+DEPRECATED_PROFILES = {"assignment": BASIC}
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class Settings:
     duration: float = 10.0
     keys: int = 8
     seed: int = 0
-    profile: str = ASSIGNMENT
+    profile: str = BASIC
     #: How long a reply may take before it counts as missing. Generous,
     #: because a loaded machine can be slow; a server that serves one client
     #: at a time never answers at all, however long one waits.
