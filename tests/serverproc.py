@@ -96,3 +96,25 @@ def start_server(
     if wait:
         server.wait_listening()
     return server
+
+
+def exchange(sock: socket.socket, requests: bytes, lines: int) -> bytes:
+    """Send ``requests`` in one write and read until ``lines`` reply lines came (or the connection ended)."""
+    sock.sendall(requests)
+    received = b""
+    while received.count(b"\n") < lines:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def session(server: ServerProcess, requests: bytes) -> bytes:
+    """Everything the server answers to ``requests`` followed by ``bye``, on a connection of their own."""
+    with server.connect() as sock:
+        sock.sendall(requests + b"bye\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from kvtwist.server.protocol import CLOSE_GRACE
-from serverproc import ServerProcess, start_server
+from serverproc import ServerProcess, exchange, start_server
 from tlscert import clientContext, selfSignedPem
 
 KINDS = ["tcp", "tls", "unix"]
@@ -169,14 +169,7 @@ def readAll(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, str]:
 
 def ask(sock: socket.socket, request: bytes) -> bytes:
     """Send one request and read its one reply line."""
-    sock.sendall(request)
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-    return received
+    return exchange(sock, request, 1)
 
 
 def assertServes(server: Server) -> None:

@@ -11,16 +11,7 @@ import pytest
 from journalfiles import flip_byte, record_offset
 from kvtwist.storage import journal
 from kvtwist.storage.datadir import journalName
-from serverproc import ServerProcess, start_server, twistd
-
-
-def ask(server: ServerProcess, requests: bytes) -> bytes:
-    with server.connect() as sock:
-        sock.sendall(requests + b"bye\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+from serverproc import session, start_server, twistd
 
 
 def start_failing(data) -> subprocess.CompletedProcess[str]:
@@ -35,11 +26,11 @@ def start_failing(data) -> subprocess.CompletedProcess[str]:
 def test_sigterm_keeps_everything_and_exits_as_twistd_does(tmp_path, fsync) -> None:
     data = tmp_path / "data"
     server = start_server("--data", str(data), "--fsync", fsync)
-    assert ask(server, b"put 1 10\nput 2 20\ndel 1\nput 3 30\n") == b"OK\nOK\nOK\nOK\nGoodbye\n"
+    assert session(server, b"put 1 10\nput 2 20\ndel 1\nput 3 30\n") == b"OK\nOK\nOK\nOK\nGoodbye\n"
     assert server.stop(signal.SIGTERM) == -signal.SIGTERM
     restarted = start_server("--data", str(data))
     try:
-        assert ask(restarted, b"get 1\nget 2\nget 3\n") == b"Key not found\n20\n30\nGoodbye\n"
+        assert session(restarted, b"get 1\nget 2\nget 3\n") == b"Key not found\n20\n30\nGoodbye\n"
         assert "2 keys loaded" in restarted.log_text()
     finally:
         restarted.stop()
@@ -67,7 +58,7 @@ def test_replies_pending_at_sigterm_are_sent(tmp_path) -> None:
     restarted = start_server("--data", str(data))
     try:
         gets = b"".join(b"get %d\n" % k for k in range(answered))
-        assert ask(restarted, gets) == b"".join(b"%d\n" % k for k in range(answered)) + b"Goodbye\n"
+        assert session(restarted, gets) == b"".join(b"%d\n" % k for k in range(answered)) + b"Goodbye\n"
     finally:
         restarted.stop()
 
@@ -87,7 +78,7 @@ def test_a_second_server_on_the_same_directory_exits_with_a_message(tmp_path) ->
 def test_a_torn_tail_is_dropped_with_a_warning_after_kill_9(tmp_path) -> None:
     data = tmp_path / "data"
     server = start_server("--data", str(data))
-    ask(server, b"put 1 1\nput 2 2\n")
+    session(server, b"put 1 1\nput 2 2\n")
     server.kill()
     path = data / journalName(1)
     good = path.stat().st_size
@@ -95,7 +86,7 @@ def test_a_torn_tail_is_dropped_with_a_warning_after_kill_9(tmp_path) -> None:
         f.write(journal.encodePut(3, 3)[:11])
     restarted = start_server("--data", str(data))
     try:
-        assert ask(restarted, b"get 2\nget 3\n") == b"2\nKey not found\nGoodbye\n"
+        assert session(restarted, b"get 2\nget 3\n") == b"2\nKey not found\nGoodbye\n"
         log = restarted.log_text()
         assert f"dropped a torn record at the end of {path} at offset {good}" in log
     finally:
@@ -106,7 +97,7 @@ def test_a_torn_tail_is_dropped_with_a_warning_after_kill_9(tmp_path) -> None:
 def test_a_corrupt_record_refuses_start_until_repaired(tmp_path) -> None:
     data = tmp_path / "data"
     server = start_server("--data", str(data))
-    ask(server, b"put 1 1\nput 2 2\nput 3 3\n")
+    session(server, b"put 1 1\nput 2 2\nput 3 3\n")
     server.stop()
     path = data / journalName(1)
     flip_byte(path, record_offset(1) + 2)
@@ -121,13 +112,13 @@ def test_a_corrupt_record_refuses_start_until_repaired(tmp_path) -> None:
     assert repaired.returncode == 0, repaired.stderr
     server = start_server("--data", str(data))
     try:
-        assert ask(server, b"get 1\nget 2\n") == b"1\nKey not found\nGoodbye\n"
+        assert session(server, b"get 1\nget 2\n") == b"1\nKey not found\nGoodbye\n"
     finally:
         server.stop()
 
 
 def test_without_data_nothing_is_written(tmp_path) -> None:
     server = start_server(cwd=tmp_path)
-    ask(server, b"put 1 1\n")
+    session(server, b"put 1 1\n")
     server.stop()
     assert list(tmp_path.iterdir()) == []

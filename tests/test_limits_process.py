@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-from serverproc import start_server
-
-
-def exchange(sock: socket.socket, requests: bytes, lines: int) -> bytes:
-    sock.sendall(requests)
-    received = b""
-    while received.count(b"\n") < lines:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-    return received
+from serverproc import exchange, start_server
 
 
 def test_max_keys_refuses_new_keys_only() -> None:

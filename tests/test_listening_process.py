@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serverproc import ServerProcess, start_server, twistd
+from serverproc import ServerProcess, exchange, start_server, twistd
 
 _LISTENING = re.compile(r"kvstore listening on (.*)")
 
@@ -59,14 +59,7 @@ def listeningLines(server: ServerProcess, count: int) -> list[str]:
 
 def ask(sock: socket.socket, request: bytes) -> bytes:
     """Send one request and read its one reply line."""
-    sock.sendall(request)
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-    return received.rstrip(b"\n")
+    return exchange(sock, request, 1).rstrip(b"\n")
 
 
 def readToEnd(sock: socket.socket) -> bytes:

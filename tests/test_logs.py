@@ -9,7 +9,7 @@ from pathlib import Path
 from kvtwist.storage import journal
 from kvtwist.storage.datadir import journalName
 from kvtwist.version import version
-from serverproc import ServerProcess, start_server
+from serverproc import ServerProcess, session, start_server
 
 # twistd's log lines: "2026-01-01T00:00:00+0000 [namespace#level] message".
 _LOG_LINE = re.compile(r"^\S+ \[[^\]]*\] (kvstore.*)$", re.MULTILINE)
@@ -24,18 +24,9 @@ def listening(server: ServerProcess) -> str:
     return f"kvstore listening on IPv4Address(type='TCP', host='127.0.0.1', port={server.port})"
 
 
-def ask(server: ServerProcess, requests: bytes) -> bytes:
-    with server.connect() as sock:
-        sock.sendall(requests + b"bye\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def test_in_memory_it_says_what_it_is_then_where_it_listens() -> None:
     server = start_server()
-    assert ask(server, b"put 1 1\nget 1\n") == b"OK\n1\nGoodbye\n"
+    assert session(server, b"put 1 1\nget 1\n") == b"OK\n1\nGoodbye\n"
     assert server.stop() == -signal.SIGTERM
     assert kvstoreLines(server) == [
         f"kvstore: kvtwist {version()} starting",
@@ -47,7 +38,7 @@ def test_in_memory_it_says_what_it_is_then_where_it_listens() -> None:
 def test_with_data_it_says_what_it_loaded_before_it_listens_and_what_it_kept_after_sigterm(tmp_path: Path) -> None:
     data = tmp_path / "data"
     server = start_server("--data", str(data))
-    assert ask(server, b"put 1 1\nput 2 2\nget 1\n") == b"OK\nOK\n1\nGoodbye\n"
+    assert session(server, b"put 1 1\nput 2 2\nget 1\n") == b"OK\nOK\n1\nGoodbye\n"
     assert server.stop() == -signal.SIGTERM
     assert kvstoreLines(server) == [
         f"kvstore: kvtwist {version()} starting",

@@ -27,7 +27,7 @@ from kvtwist.storage.journaled import JournaledStore, openDirectory
 from kvtwist.storage.recovery import recover
 from kvtwist.tap import Options
 from serverproc import ServerProcess, start_server, twistd
-from test_durable_server import ask
+from serverproc import session
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 UNIT = DOCS / "kvtwist.service"
@@ -85,9 +85,9 @@ def test_the_probe_changes_nothing_on_a_writable_server(tmp_path) -> None:
     data = tmp_path / "data"
     server = start_server("--data", str(data))
     try:
-        assert ask(server, b"put 1 1\n") == b"OK\nGoodbye\n"
+        assert session(server, b"put 1 1\n") == b"OK\nGoodbye\n"
         size = (data / journalName(1)).stat().st_size
-        assert ask(server, b"del -9223372036854775808\n") == b"Key not found\nGoodbye\n"
+        assert session(server, b"del -9223372036854775808\n") == b"Key not found\nGoodbye\n"
         assert (data / journalName(1)).stat().st_size == size
     finally:
         server.stop()
@@ -405,7 +405,7 @@ def test_a_copy_taken_while_clients_write_and_the_server_compacts_recovers(tmp_p
                 b"get %d\nget %d\n" % (Writers.key(c, m - 1), Writers.key(c, m)) for c, m in enumerate(counts[dest])
             )
             expected = b"".join(b"%d\nKey not found\n" % (m - 1) for m in counts[dest])
-            assert ask(restored, probes + b"put -1 1\nget -1\n") == expected + b"OK\n1\nGoodbye\n"
+            assert session(restored, probes + b"put -1 1\nget -1\n") == expected + b"OK\n1\nGoodbye\n"
             assert f"{sum(counts[dest])} keys loaded" in restored.log_text()
         finally:
             assert restored.stop() == -signal.SIGTERM

@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import serverproc
 from serverproc import ServerProcess, start_server, twistd
 
 
 def exchange(sock: socket.socket, requests: bytes, replies: int) -> list[bytes]:
     """Send ``requests`` in one write and read exactly ``replies`` reply lines."""
-    sock.sendall(requests)
-    received = b""
-    while received.count(b"\n") < replies:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        received += chunk
-    return received.split(b"\n")[:-1]
+    return serverproc.exchange(sock, requests, replies).split(b"\n")[:-1]
 
 
 def read_to_eof(sock: socket.socket) -> bytes:

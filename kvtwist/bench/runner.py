@@ -142,25 +142,17 @@ def runScenario(
             raise
         return running
 
-    if scenario.freshServers:
-        for round in range(scenario.rounds):
-            running = startAll()
-            try:
+    # Either one set of servers for every round, or, with freshServers, a new set per round.
+    rounds = list(range(scenario.rounds))
+    for theseRounds in ([[r] for r in rounds] if scenario.freshServers else [rounds]):
+        running = startAll()
+        try:
+            for round in theseRounds:
                 for server in roundOrder(running, round, scenario.alternate):
                     record(server, round)
-            finally:
-                for server in running:
-                    server.stop()
-        return results
-
-    running = startAll()
-    try:
-        for round in range(scenario.rounds):
-            for server in roundOrder(running, round, scenario.alternate):
-                record(server, round)
-    finally:
-        for server in running:
-            server.stop()
+        finally:
+            for server in running:
+                server.stop()
     return results
 
 
