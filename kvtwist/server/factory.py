@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from kvtwist.server.protocol import CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, KVProtocol, StreamTransport
 from kvtwist.server.stats import ServerStats
-from kvtwist.storage.interface import IStore
+from kvtwist.storage.interface import IRemoteStore, IStore
 
 DEFAULT_MAX_CONNECTIONS = 10000
 TOO_MANY = b"Error: too many connections\n"
@@ -40,8 +40,10 @@ class KVFactory(Factory[Protocol]):
     """
     Owns the one store that every connection shares, and the limits.
 
-    The store is all the server knows of where data lives (``IStore``):
-    in memory, journaled to disk, or elsewhere. ``stats`` counts what the
+    The store is all the server knows of where data lives: an ``IStore``
+    in this process (in memory, or journaled to disk), or an
+    ``IRemoteStore`` that many nodes share; exactly one of ``store`` and
+    ``remote`` is set. ``stats`` counts what the
     connections do (``kvtwist.server.stats``). ``reactor`` runs every
     timer of the connections (tests pass a ``Clock``); ``password``, when
     set, must be given with ``auth`` before anything else.
@@ -54,7 +56,7 @@ class KVFactory(Factory[Protocol]):
 
     def __init__(
         self,
-        store: IStore,
+        store: IStore | IRemoteStore,
         maxRequest: int = DEFAULT_MAX_REQUEST,
         maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         idleTimeout: float = 0,
@@ -66,7 +68,12 @@ class KVFactory(Factory[Protocol]):
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.store = store
+        self.store: IStore | None = None
+        self.remote: IRemoteStore | None = None
+        if isinstance(store, IRemoteStore):
+            self.remote = store
+        else:
+            self.store = store
         self.maxRequest = maxRequest
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout

@@ -26,6 +26,7 @@ from kvtwist.histogram import Histogram
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.stats import REQUEST_KINDS
 from kvtwist.storage.durable import DurableStore
+from kvtwist.storage.interface import IRemoteStore
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
@@ -74,7 +75,29 @@ class KVCollector(Collector):
         yield closed
         yield CounterMetricFamily("kvtwist_received_bytes", "Bytes of requests received.", value=stats.bytesIn)
         yield CounterMetricFamily("kvtwist_sent_bytes", "Bytes of replies sent.", value=stats.bytesOut)
-        yield GaugeMetricFamily("kvtwist_keys", "Keys stored.", value=len(factory.store))
+        if factory.store is not None:
+            # Not with a remote engine: none of them counts the keys under a prefix cheaply.
+            yield GaugeMetricFamily("kvtwist_keys", "Keys stored.", value=len(factory.store))
+        remote = factory.remote
+        if remote is not None:
+            engine = remote.stats
+            yield CounterMetricFamily(
+                "kvtwist_engine_operations", "Operations sent to the remote engine.", value=engine.operations
+            )
+            errors = CounterMetricFamily(
+                "kvtwist_engine_errors", "Operations the remote engine did not answer, by reason.", labels=["reason"]
+            )
+            for reason, count in list(engine.errors.items()):
+                errors.add_metric([reason], count)
+            yield errors
+            yield _histogram(
+                "kvtwist_engine_latency_seconds", "Round trips to the remote engine, a chunk of requests at a time.",
+                engine.latency,
+            )
+            yield GaugeMetricFamily(
+                "kvtwist_engine_unavailable", "1 while the remote engine cannot be reached.",
+                value=int(engine.unavailable is not None),
+            )
         durable = self.durable
         if durable is not None:
             yield GaugeMetricFamily(
@@ -96,16 +119,21 @@ class HealthResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, durable: DurableStore | None) -> None:
+    def __init__(self, durable: DurableStore | None, remote: IRemoteStore | None = None) -> None:
         super().__init__()
         self.durable = durable
+        self.remote = remote
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        reason = self.durable.readOnlyReason if self.durable is not None else None
+        reason = None
+        if self.durable is not None and self.durable.readOnlyReason is not None:
+            reason = f"read-only: {self.durable.readOnlyReason}"
+        elif self.remote is not None and self.remote.stats.unavailable is not None:
+            reason = f"store unavailable: {self.remote.stats.unavailable}"
         if reason is not None:
             request.setResponseCode(503)
-            return f"read-only: {reason}\n".encode("utf-8", "replace")
+            return f"{reason}\n".encode("utf-8", "replace")
         return b"ok\n"
 
 
@@ -118,7 +146,7 @@ def metricsService(
     ProcessCollector(registry=registry)
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(registry))
-    root.putChild(b"healthz", HealthResource(durable))
+    root.putChild(b"healthz", HealthResource(durable, factory.remote))
     site = server.Site(root)
     site.noisy = False
     return internet.StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)

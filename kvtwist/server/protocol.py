@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kvtwist.server import stats as S
-from kvtwist.storage.interface import Batch, StoreError
+from kvtwist.storage.interface import DELETE, GET, PUT, Batch, IStore, Operation, Outcome, StoreError
 
 if TYPE_CHECKING:
     from kvtwist.server.factory import KVFactory
@@ -109,6 +109,9 @@ def _badInteger(what: str) -> bytes:
 
 _BAD_KEY = _badInteger("key")
 _BAD_VALUE = _badInteger("value")
+# Stands in a chunk's replies for the reply to a request a remote engine has
+# not answered yet; found by identity, never sent.
+_AWAITING = b"(awaiting the engine)\n"
 
 
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer, interfaces.IHandshakeListener)
@@ -131,6 +134,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     """
 
     factory: KVFactory
+    # The factory's in-process store, when the data is not in a remote engine.
+    _store: IStore
     _log = Logger()
 
     def __init__(self) -> None:
@@ -151,6 +156,14 @@ class KVProtocol(Protocol, TimeoutMixin):
         # Why the server ended the connection, for the stats (None: the client did).
         self._closeReason: str | None = None
         self._counts: list[int] = []
+        # With a remote engine: the operations of the chunk being run, whether
+        # a chunk is at the engine now, and what came while it was.
+        self._unlocked = _COMMANDS
+        self._operations: list[Operation] = []
+        self._awaiting = False
+        self._backlog: list[bytes] = []
+        self._endOfInput = False
+        self._lastBatch: Batch | None = None
 
     @property
     def _stream(self) -> StreamTransport:
@@ -172,6 +185,10 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._counts = stats.requests
         if self.factory.logConnections:
             self._log.info("kvstore: connection from {peer} opened", peer=_peer(self.transport))
+        if self.factory.store is not None:
+            self._store = self.factory.store
+        else:
+            self._commands = self._unlocked = _REMOTE_COMMANDS
         if self.factory.password is not None:
             self._commands = _LOCKED
         self.setTimeout(self.factory.idleTimeout or None)
@@ -249,7 +266,7 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if not self._closing:
+        if not self._closing and not self._awaiting:
             if not self._pieces:
                 self._pendingSince = None
             self._stream.resumeProducing()
@@ -263,14 +280,19 @@ class KVProtocol(Protocol, TimeoutMixin):
     def readConnectionLost(self) -> None:
         if self._closing:
             return
+        if self._awaiting:
+            # After the chunk at the engine, and what came while it was.
+            self._endOfInput = True
+            return
         rest = b"".join(self._pieces)
         self._pieces, self._pending = [], 0
         # End of input also ends the last request.
         batch = Batch()
         self._closeReason = self._closeReason or "client"
         run = self._run if self._commands is not _LOCKED else self._runLocked
-        batch.replies = run([rest], _NEEDS_CARE.search(rest) is not None, batch)
-        self._finish(batch)
+        replies = run([rest], _NEEDS_CARE.search(rest) is not None, batch)
+        self._closing = True
+        self._complete(replies, batch)
 
     def writeConnectionLost(self) -> None:
         self._stream.loseConnection()
@@ -279,6 +301,11 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
+            return
+        if self._awaiting:
+            # Reading is paused while a chunk is at the engine, but a TLS
+            # transport may still hand over what it had decrypted.
+            self._backlog.append(data)
             return
         factory = self.factory
         factory.stats.bytesIn += len(data)
@@ -310,17 +337,32 @@ class KVProtocol(Protocol, TimeoutMixin):
         run = self._run if self._commands is not _LOCKED else self._runLocked
         replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
         if rest and not self._closing and self._keepUnfinished(rest):
-            replies += TOO_LONG
+            replies.append(TOO_LONG)
             self._counts[S.TOO_LONG] += 1
             self._closeReason = "too_long"
             self._closing = True
-        batch.replies = replies
+        self._complete(replies, batch)
+
+    def _complete(self, replies: list[bytes], batch: Batch) -> None:
+        """Deliver a chunk's replies: at once, or once the engine has answered its requests."""
+        if self._operations:
+            self._askEngine(replies, batch)
+            return
+        batch.replies = b"".join(replies)
         if self._closing:
             self._finish(batch)
-        elif replies:
+        elif batch.replies:
             # Blank lines are not activity: only requests keep a connection from idling out.
             self.resetTimeout()
-            factory.store.deliver(self, batch)
+            self._deliver(batch)
+
+    def _deliver(self, batch: Batch) -> None:
+        store = self.factory.store
+        if store is None:
+            # A remote engine's replies wait for nothing more once they are known.
+            self.sendReplies(batch)
+        else:
+            store.deliver(self, batch)
 
     def _keepUnfinished(self, piece: bytes) -> bool:
         """Hold a piece of a request until its end comes; True (keeping nothing) once it can no longer fit."""
@@ -336,22 +378,24 @@ class KVProtocol(Protocol, TimeoutMixin):
             return True
         return False
 
-    def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
+    def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> list[bytes]:
         """``_run`` before authentication: one request at a time, as ``auth`` may unlock the rest."""
         out = []
         for i, line in enumerate(lines):
-            out.append(self._run([line], careful, batch))
+            out += self._run([line], careful, batch)
             if self._closing:
                 break
             if self._commands is not _LOCKED:
-                out.append(self._run(lines[i + 1 :], careful, batch))
+                out += self._run(lines[i + 1 :], careful, batch)
                 break
-        return b"".join(out)
+        return out
 
-    def _run(self, lines: list[bytes], careful: bool, batch: Batch) -> bytes:
+    def _run(self, lines: list[bytes], careful: bool, batch: Batch) -> list[bytes]:
         """
         Run complete requests in order, noting in ``batch`` what their
         replies wait for; stop at Bye or at a request over the limit.
+        The reply lines come back in order; with a remote engine, the
+        requests for it are in ``_operations`` and their replies ``_AWAITING``.
 
         ``careful`` says whether any line holds a CR, VT or FF; most traffic
         has none, and then the fast C-level ``bytes.split`` tokenizes exactly
@@ -387,7 +431,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             append(handler(self, tokens, batch))
             if self._closing:
                 break
-        return b"".join(out)
+        return out
 
     # Commands: each gets the request's tokens and returns its reply line.
 
@@ -401,7 +445,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._counts[S.PUT_BAD_VALUE] += 1
             return _BAD_VALUE
         try:
-            stored = self.factory.store.put(key, value, batch)
+            stored = self._store.put(key, value, batch)
         except StoreError as e:
             return self._storeError("put", e)
         if stored:
@@ -416,7 +460,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._counts[S.GET_BAD_KEY] += 1
             return _BAD_KEY
         try:
-            value = self.factory.store.get(key, batch)
+            value = self._store.get(key, batch)
         except StoreError as e:
             return self._storeError("get", e)
         if value is None:
@@ -431,7 +475,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._counts[S.DEL_BAD_KEY] += 1
             return _BAD_KEY
         try:
-            deleted = self.factory.store.delete(key, batch)
+            deleted = self._store.delete(key, batch)
         except StoreError as e:
             return self._storeError("del", e)
         if deleted:
@@ -439,6 +483,80 @@ class KVProtocol(Protocol, TimeoutMixin):
             return OK
         self._counts[S.DEL_NOT_FOUND] += 1
         return NOT_FOUND
+
+    def _askEngine(self, replies: list[bytes], batch: Batch) -> None:
+        """
+        Send the chunk's operations to the engine, and read nothing more
+        from this connection until it has answered.
+
+        One chunk per connection at the engine keeps the connection's
+        replies in order, and bounds what waits for the engine by the
+        number of connections: a client that sends more meets TCP's flow
+        control, not a growing queue here.
+        """
+        remote = self.factory.remote
+        assert remote is not None, "operations without a remote engine"
+        operations, self._operations = self._operations, []
+        self._awaiting = True
+        self._stream.pauseProducing()
+        self.resetTimeout()
+        remote.execute(operations).addCallback(self._engineAnswered, replies, operations, batch).addErrback(
+            self._engineBroke
+        )
+
+    def _engineAnswered(
+        self, outcomes: list[Outcome], replies: list[bytes], operations: list[Operation], batch: Batch
+    ) -> None:
+        self._awaiting = False
+        if self._lost:
+            return
+        answers = iter(zip(operations, outcomes))
+        for i, reply in enumerate(replies):
+            if reply is _AWAITING:
+                operation, outcome = next(answers)
+                replies[i] = self._reply(operation, outcome)
+        batch.replies = b"".join(replies)
+        last = self._lastBatch
+        if last is not None:
+            # The connection was ended (a timeout) while the engine worked.
+            self._lastBatch = None
+            batch.replies += last.replies
+        if self._closing:
+            self._finish(batch)
+            return
+        self.resetTimeout()
+        self.sendReplies(batch)
+        if not self._paused:
+            self._stream.resumeProducing()
+        if self._backlog:
+            data = b"".join(self._backlog)
+            self._backlog = []
+            self.dataReceived(data)
+        if self._endOfInput and not self._awaiting:
+            self._endOfInput = False
+            self.readConnectionLost()
+
+    def _engineBroke(self, failure: Failure) -> None:
+        # IRemoteStore promises outcomes, never a failure: this is a bug, so
+        # the connection ends rather than answer anything untrue.
+        self._log.failure("kvstore: the store failed a chunk instead of answering it", failure)
+        if not self._lost:
+            self._stream.abortConnection()
+
+    def _reply(self, operation: Operation, outcome: Outcome) -> bytes:
+        """The reply line for what the engine answered to ``operation``."""
+        command = operation.command
+        if isinstance(outcome, StoreError):
+            return self._storeError(_VERBS[command], outcome)
+        if command == GET:
+            if outcome is None:
+                self._counts[S.GET_NOT_FOUND] += 1
+                return NOT_FOUND
+            self._counts[S.GET_FOUND] += 1
+            return b"%d\n" % outcome
+        reply, kind = _ANSWERS[command, bool(outcome)]
+        self._counts[kind] += 1
+        return reply
 
     def do_bye(self, tokens: list[bytes], batch: Batch) -> bytes:
         self._counts[S.BYE] += 1
@@ -453,7 +571,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             return NO_PASSWORD
         # Constant time: how much of a guess was right must not show.
         if hmac.compare_digest(tokens[1], password):
-            self._commands = _COMMANDS
+            self._commands = self._unlocked
             self._authFailures = 0
             self._counts[S.AUTH_OK] += 1
             return OK
@@ -532,10 +650,14 @@ class KVProtocol(Protocol, TimeoutMixin):
         """Send the last replies, then close once they are flushed."""
         self._closing = True
         self.setTimeout(None)
+        if self._awaiting:
+            # They follow the replies the engine has yet to give.
+            self._lastBatch = batch
+            return
         # Not pausing the transport: input is ignored from here on, and a
         # TLS close must still read the peer's close_notify.
         batch.last = True
-        self.factory.store.deliver(self, batch)
+        self._deliver(batch)
 
 
 # verb -> (number of arguments, handler, usage): one table for every
@@ -547,6 +669,45 @@ _COMMANDS: dict[bytes, _Command] = {
     b"del": (1, KVProtocol.do_del, b"del KEY"),
     b"bye": (0, KVProtocol.do_bye, b"Bye"),
     b"auth": (1, KVProtocol.do_auth, b"auth PASSWORD"),
+}
+
+
+def _queueFor(command: int, badKey: int, badValue: int = -1) -> Callable[[KVProtocol, list[bytes], Batch], bytes]:
+    """
+    The handler of a data command with a remote engine: it checks the
+    request's integers, as in memory, then queues the operation for the
+    engine with the rest of the chunk (``KVProtocol._askEngine``).
+    """
+
+    def queue(protocol: KVProtocol, tokens: list[bytes], batch: Batch) -> bytes:
+        key = parseInt64(tokens[1])
+        if key is None:
+            protocol._counts[badKey] += 1
+            return _BAD_KEY
+        value = 0
+        if command == PUT:
+            parsed = parseInt64(tokens[2])
+            if parsed is None:
+                protocol._counts[badValue] += 1
+                return _BAD_VALUE
+            value = parsed
+        protocol._operations.append(Operation(command, key, value))
+        return _AWAITING
+
+    return queue
+
+
+_REMOTE_COMMANDS: dict[bytes, _Command] = {
+    **_COMMANDS,
+    b"put": (2, _queueFor(PUT, S.PUT_BAD_KEY, S.PUT_BAD_VALUE), b"put KEY VALUE"),
+    b"get": (1, _queueFor(GET, S.GET_BAD_KEY), b"get KEY"),
+    b"del": (1, _queueFor(DELETE, S.DEL_BAD_KEY), b"del KEY"),
+}
+_VERBS = {PUT: "put", GET: "get", DELETE: "del"}
+# (command, what the engine answered) -> (reply, outcome counted), for put and del.
+_ANSWERS = {
+    (PUT, True): (OK, S.PUT_OK), (PUT, False): (EXISTS, S.PUT_EXISTS),
+    (DELETE, True): (OK, S.DEL_OK), (DELETE, False): (NOT_FOUND, S.DEL_NOT_FOUND),
 }
 # The table of a connection that has not authenticated yet: the data
 # commands answer that authentication is required, and nothing else

@@ -20,6 +20,7 @@ REQUEST_KINDS: tuple[tuple[str, str], ...] = (
     ("del", "ok"), ("del", "not_found"),
     ("put", "bad_key"), ("put", "bad_value"), ("get", "bad_key"), ("del", "bad_key"),
     ("put", "read_only"), ("del", "read_only"), ("put", "store_full"),
+    ("put", "unavailable"), ("get", "unavailable"), ("del", "unavailable"),
     ("put", "store_error"), ("get", "store_error"), ("del", "store_error"),
     ("bye", "ok"),
     ("auth", "ok"), ("auth", "invalid_password"), ("auth", "no_password"),

@@ -20,20 +20,28 @@ How the interface is meant to grow, without changing what is here:
 - A compiled executor for a whole chunk of an in-process store fills the
   same ``Batch`` (its replies, what they wait for, and per-command counts
   for metrics) and hands it to the same ``deliver``.
-- A remote engine cannot answer ``get`` before the engine has answered,
-  so it will offer one more, chunk-level method beside these: the
-  chunk's requests in, a Deferred of their results out. The protocol
-  formats the results when they come and hands the batch to ``deliver``
-  like any other, chaining a connection's chunks so that its replies stay
-  in order. The in-process stores keep the per-key methods, which answer
-  at once: their fast path pays nothing for the remote one.
+
+A remote engine (``kvtwist.engines``) cannot answer ``get`` before the
+engine has answered, so it is an ``IRemoteStore`` instead: one chunk-level
+method, the chunk's ``Operation``s in, a Deferred of their ``Outcome``s
+out. The protocol formats the outcomes when they come and sends them
+itself; it keeps one chunk per connection at the engine, and reads no
+more from that connection meanwhile, so that a connection's replies stay
+in order and the requests waiting for an engine are bounded by the
+connections. The in-process stores keep the per-key methods, which
+answer at once: their fast path pays nothing for the remote one.
 
 No Twisted imports: Deferreds belong to the implementations that need them.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence, Union, runtime_checkable
+
+from kvtwist.histogram import Histogram
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class StoreError(Exception):
@@ -53,6 +61,25 @@ class StoreFull(StoreError):
     """A put of a new key beyond the store's limit on keys."""
 
     kind = "store_full"
+
+
+class StoreUnavailable(StoreError):
+    """
+    A remote engine did not answer: unreachable, too slow, or the
+    connection dropped. The request may or may not have taken effect.
+    """
+
+    kind = "unavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"store unavailable ({reason})")
+        self.reason = reason
+
+
+# Why a request got StoreUnavailable, for the reasons the protocol documents.
+OUTCOME_UNKNOWN = "outcome unknown"
+TIMED_OUT = "timeout"
+OVERLOADED = "too many requests waiting"
 
 
 class Batch:
@@ -122,3 +149,63 @@ class IStore(Protocol):
 
     def __len__(self) -> int:
         """How many keys are stored."""
+
+
+# The commands of a remote engine's operations.
+PUT = 0
+GET = 1
+DELETE = 2
+
+
+class Operation(NamedTuple):
+    """One request for a remote engine: ``command`` is PUT, GET or DELETE; ``value`` is 0 unless PUT."""
+
+    command: int
+    key: int
+    value: int = 0
+
+
+# What one operation came to: for PUT, True if stored and False if the key
+# existed; for GET, the value or None; for DELETE, True if the key was there.
+# A StoreError (usually StoreUnavailable) for an operation that failed.
+Outcome = Union[bool, int, None, StoreError]
+
+
+class EngineStats:
+    """What a remote engine counts for the metrics: plain numbers, read at scrape time."""
+
+    def __init__(self) -> None:
+        # Operations sent to the engine, and their round trips (seconds, a chunk at a time).
+        self.operations = 0
+        self.latency = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        # Failed operations by reason: "timeout", "outcome unknown", "connection refused", ...
+        self.errors: dict[str, int] = {}
+        # Why the engine is unavailable now (None while it answers): for /healthz.
+        self.unavailable: str | None = None
+
+    def failed(self, reason: str, operations: int = 1) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + operations
+
+
+@runtime_checkable
+class IRemoteStore(Protocol):
+    """
+    A store kept in another program (Redis, Redis Cluster, etcd), shared by
+    many kvtwist nodes.
+
+    ``execute`` runs a chunk's operations, each one atomic in the engine.
+    Operations on the same key take effect in the order given. The
+    Deferred fires with one outcome per operation, in order, within the
+    store's timeout; it never fails: a failed operation's outcome is a
+    ``StoreError``. An operation sent to the engine whose answer never
+    came is ``StoreUnavailable(OUTCOME_UNKNOWN)`` (or ``TIMED_OUT``): it
+    may have happened, and is never reported as done or as not done.
+    """
+
+    stats: EngineStats
+
+    def execute(self, operations: Sequence[Operation]) -> Deferred[list[Outcome]]:
+        """Run ``operations``; see the class docstring for the promise."""
+
+    def describe(self) -> str:
+        """Where the data lives, for the start-up log: the engine's URL, without any password."""
