@@ -18,6 +18,17 @@ not kvtwist:
 - ``per-client``: each connection has a store of its own.
 - ``one-at-a-time``: serves one connection until it closes, then the next.
 - ``reorder``: answers the requests of one received chunk in reverse order.
+- ``flaky KEY...``: correct and atomic, but its store is sometimes
+  "unavailable" for the given keys: every 4th request on them gets
+  ``Error: store unavailable (outcome unknown)``, and every other put or
+  del so answered was applied all the same. It must pass: an ``Error: ``
+  reply may or may not have taken effect. The request ``faults`` gets the
+  number of such replies sent so far and how many of them were writes
+  applied all the same (``FAULTS APPLIED``).
+- ``flaky-garbage KEY...``: the same, but the reply lacks the ``Error: ``
+  prefix, so it is a reply the protocol does not allow: it must fail.
+
+``python brokenservers.py NAME [KEY...]`` passes the keys on.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import contextlib
 import socket
 import subprocess
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 #: A line longer than this closes the connection (the correct server has
 #: to do something about a client that never sends LF).
@@ -59,6 +70,53 @@ class OverwritingStore(Store):
         return "OK"
 
 
+class FlakyStore(Store):
+    """
+    Atomic, but the store behind it is sometimes unreachable for ``keys``: a
+    remote store's timeout, where the write may or may not have been made.
+    """
+
+    def __init__(self, keys: set[int], unavailable: str) -> None:
+        super().__init__()
+        self.keys = keys
+        self.unavailable = unavailable
+        self.requests = 0
+        #: Replies of ``unavailable`` sent, and the writes among them that were applied.
+        self.faults = 0
+        self.applied = 0
+
+    def _fails(self, key: int) -> bool:
+        if key not in self.keys:
+            return False
+        self.requests += 1
+        if self.requests % 4:
+            return False
+        self.faults += 1
+        return True
+
+    def _write(self, key: int, apply: Callable[[], str]) -> str:
+        if not self._fails(key):
+            return apply()
+        if self.faults % 2:
+            self.applied += 1
+            apply()
+        return self.unavailable
+
+    def put(self, key: int, value: int) -> str:
+        return self._write(key, lambda: super(FlakyStore, self).put(key, value))
+
+    def delete(self, key: int) -> str:
+        return self._write(key, lambda: super(FlakyStore, self).delete(key))
+
+    def get(self, key: int) -> str:
+        return self.unavailable if self._fails(key) else super().get(key)
+
+
+#: What ``flaky`` answers when its store is unavailable; ``flaky-garbage``
+#: sends the same words without the ``Error: `` prefix.
+UNAVAILABLE = "Error: store unavailable (outcome unknown)"
+
+
 class LossyStore(Store):
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +141,8 @@ def respond(store: Store, line: bytes) -> tuple[str | None, bool]:
         return "ERR numbers only, please", False
     if verb == "bye" and not numbers:
         return "Goodbye", True
+    if verb == "faults" and not numbers and isinstance(store, FlakyStore):
+        return f"{store.faults} {store.applied}", False
     if verb == "put" and len(numbers) == 2:
         return store.put(*numbers), False
     if verb == "get" and len(numbers) == 1:
@@ -149,8 +209,14 @@ def serveConnection(connection: socket.socket, store: Store) -> None:
             return
 
 
-async def serveAsyncio(listener: socket.socket, name: str) -> None:
-    shared = {"overwrite": OverwritingStore, "lossy": LossyStore}.get(name, Store)()
+async def serveAsyncio(listener: socket.socket, name: str, keys: set[int]) -> None:
+    shared: Store
+    if name == "flaky":
+        shared = FlakyStore(keys, UNAVAILABLE)
+    elif name == "flaky-garbage":
+        shared = FlakyStore(keys, UNAVAILABLE.removeprefix("Error: "))
+    else:
+        shared = {"overwrite": OverwritingStore, "lossy": LossyStore}.get(name, Store)()
 
     def connection() -> LineServer:
         if name == "per-client":
@@ -161,10 +227,10 @@ async def serveAsyncio(listener: socket.socket, name: str) -> None:
     await server.serve_forever()
 
 
-NAMES = ("correct", "overwrite", "lossy", "per-client", "one-at-a-time", "reorder")
+NAMES = ("correct", "overwrite", "lossy", "per-client", "one-at-a-time", "reorder", "flaky", "flaky-garbage")
 
 
-def main(name: str) -> None:
+def main(name: str, keys: set[int]) -> None:
     if name not in NAMES:
         raise SystemExit(f"unknown server {name!r}; one of {', '.join(NAMES)}")
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
@@ -172,14 +238,14 @@ def main(name: str) -> None:
     if name == "one-at-a-time":
         serveOneAtATime(listener)
     else:
-        asyncio.run(serveAsyncio(listener, name))
+        asyncio.run(serveAsyncio(listener, name, keys))
 
 
 @contextlib.contextmanager
-def brokenServer(name: str) -> Iterator[tuple[str, int]]:
-    """Run server ``name`` in a child process; yields its (host, port)."""
+def brokenServer(name: str, *keys: int) -> Iterator[tuple[str, int]]:
+    """Run server ``name`` (given ``keys``, for ``flaky``) in a child process; yields its (host, port)."""
     process = subprocess.Popen(
-        [sys.executable, __file__, name], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        [sys.executable, __file__, name, *map(str, keys)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
     try:
         assert process.stdout is not None
@@ -191,4 +257,4 @@ def brokenServer(name: str) -> Iterator[tuple[str, int]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], {int(key) for key in sys.argv[2:]})

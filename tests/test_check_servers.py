@@ -5,6 +5,11 @@ kvtwist itself must pass both profiles; each deliberately broken server in
 ``brokenservers`` must fail the checks that its bug violates; a correct
 server with its own error texts must pass the basic profile; a server of
 another protocol (redis) must fail, linearizability included.
+
+Several nodes: two servers that do not share a store must fail as one
+store, one server named twice must pass, and a server whose store is
+sometimes unavailable (``Error: `` replies of unknown outcome) must pass
+with its indeterminate operations counted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import pytest
 from brokenservers import brokenServer
 from serverproc import ServerProcess, start_server
 
+from kvtwist.check import workload
+
 CHECKER = str(Path(sys.executable).with_name("kvtwist-check"))
 # Short runs: a second of workload is thousands of operations, plenty to
 # catch these bugs; a short timeout keeps the stalling servers quick.
@@ -32,14 +39,25 @@ QUICK = ["--clients", "20", "--duration", "1", "--timeout", "2", "--seed", "7"]
 
 
 def check(host: str, port: int, tmp_path: Path, *options: str) -> tuple[int, dict[str, Any], str, str]:
-    """Run the console script; its exit status, JSON report, stdout and stderr."""
+    """Run the console script on ``HOST PORT``; its exit status, JSON report, stdout and stderr."""
+    return checkNodes([host, str(port)], tmp_path, *options)
+
+
+def checkNodes(nodes: list[str], tmp_path: Path, *options: str) -> tuple[int, dict[str, Any], str, str]:
+    """Run the console script on the words ``nodes``; its exit status, JSON report, stdout and stderr."""
     report = tmp_path / "report.json"
+    report.unlink(missing_ok=True)
     done = subprocess.run(
-        [CHECKER, host, str(port), "--json", str(report), *options],
+        [CHECKER, *nodes, "--json", str(report), *options],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
     )
     document = json.loads(report.read_text()) if report.exists() else {}
     return done.returncode, document, done.stdout, done.stderr
+
+
+def entry(document: dict[str, Any], title: str) -> dict[str, Any]:
+    """The JSON report's entry for the check named ``title``."""
+    return next(check for check in document["checks"] if check["title"] == title)
 
 
 def verdicts(document: dict[str, Any]) -> dict[str, bool]:
@@ -136,14 +154,19 @@ def test_unreachableServerIsStatusTwoWithOneLine(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "arguments",
-    [[], ["127.0.0.1"], ["127.0.0.1", "http"], ["127.0.0.1", "70000"], ["127.0.0.1", "1", "--clients", "0"],
-     ["127.0.0.1", "1", "--duration", "-1"], ["127.0.0.1", "1", "--profile", "strict"]],
+    "arguments, says",
+    [([], "NODE"), (["127.0.0.1"], "'127.0.0.1'"), (["127.0.0.1", "http"], "'http'"),
+     (["127.0.0.1", "70000"], "'70000'"), (["127.0.0.1:0"], "'0'"), (["127.0.0.1:1", "[::1]:65536"], "'65536'"),
+     (["127.0.0.1:1", "localhost"], "'localhost'"), (["::1:5000"], "[ADDRESS]:PORT"),
+     (["127.0.0.1", "1", "--clients", "0"], "--clients"), (["127.0.0.1", "1", "--duration", "-1"], "--duration"),
+     (["127.0.0.1", "1", "--profile", "strict"], "'strict'")],
 )
-def test_usageErrorsAreStatusTwo(arguments: list[str]) -> None:
+def test_usageErrorsAreStatusTwoWithOneLine(arguments: list[str], says: str) -> None:
     done = subprocess.run([CHECKER, *arguments], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "usage: kvtwist-check" in done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("kvtwist-check: ") and done.stderr.count("\n") == 1, done.stderr
+    assert says in done.stderr
 
 
 def test_runsAsAModule() -> None:
@@ -197,7 +220,8 @@ def test_aPasswordFileTheServerWouldRefuseIsAUsageError(tmp_path: Path, content:
     done = subprocess.run([CHECKER, "127.0.0.1", "1", "--password-file", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2
-    assert "usage: kvtwist-check" in done.stderr and "--password-file" in done.stderr
+    assert done.stderr.startswith("kvtwist-check: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "--password-file" in done.stderr
 
 
 @contextmanager
@@ -238,3 +262,95 @@ def test_aServerOfAnotherProtocolDoesNotPassLinearizability(tmp_path: Path) -> N
     assert "neither a reply the protocol allows for their request nor an 'Error: ' line" in linear["summary"]
     assert "PASS  concurrency: linearizability" not in out
     assert "one atomic store shared by all clients" not in out
+
+
+def test_twoNodesThatDoNotShareAStoreFailAsOne(tmp_path: Path) -> None:
+    """Two ordinary servers, each with its own memory: a write on one is not seen on the other."""
+    first, second = start_server(), start_server()
+    try:
+        nodes = [f"{server.host}:{server.port}" for server in (first, second)]
+        status, document, out, err = checkNodes(nodes, tmp_path, *QUICK)
+    finally:
+        first.stop()
+        second.stop()
+    assert status == 1, out + err
+    assert document["settings"]["nodes"] == nodes
+    titles = verdicts(document)
+    # Each node alone is a correct server: the single-node checks pass.
+    assert titles["conformance: sample session"] and titles["concurrency: replies"], out
+    linear = entry(document, "concurrency: linearizability")
+    assert linear["passed"] is False
+    assert "not linearizable" in linear["summary"] and not linear["summary"].startswith("not checked")
+    # The witness names the nodes: replies from both of them cannot all be right.
+    assert any("on node 1" in line for line in linear["evidence"]), linear["evidence"]
+    assert any("on node 2" in line for line in linear["evidence"]), linear["evidence"]
+    visibility = entry(document, "concurrency: cross-client visibility")
+    assert visibility["passed"] is False
+    assert "on node 2" in " ".join(visibility["evidence"])
+
+
+def test_oneNodeNamedTwicePasses(kvserver: ServerProcess, tmp_path: Path) -> None:
+    """The same server given as two nodes is one store: every check passes, and the output says how it spread."""
+    node = f"{kvserver.host}:{kvserver.port}"
+    status, document, out, err = checkNodes([node, node], tmp_path, *QUICK)
+    assert status == 0, out + err
+    assert all(verdicts(document).values())
+    assert document["settings"]["nodes"] == [node, node]
+    visibility = entry(document, "concurrency: cross-client visibility")
+    assert "2 nodes" in visibility["summary"]
+    assert 0 < visibility["stats"]["reads_on_another_node"] <= visibility["stats"]["reads_per_round"]
+    assert "spread round-robin over 2 nodes" in entry(document, "concurrency: linearizability")["summary"]
+    assert f"the first node, {node}" in out
+
+
+def test_oneNodeAsHostColonPort(kvserver: ServerProcess, tmp_path: Path) -> None:
+    node = f"{kvserver.host}:{kvserver.port}"
+    status, document, out, err = checkNodes([node], tmp_path, *QUICK)
+    assert status == 0, out + err
+    assert document["target"] == node and document["settings"]["nodes"] == [node]
+
+
+def checkFlaky(name: str, tmp_path: Path) -> tuple[int, dict[str, Any], str, str, int, int]:
+    """
+    Check a ``flaky`` server (faulty on the workload's keys); the checker's
+    status, report, stdout and stderr, and what the server says of its
+    faults: replies of unknown outcome, and writes among them applied.
+    """
+    keys = 8
+    shared = workload.keys(int(QUICK[QUICK.index("--seed") + 1]), "shared", keys)
+    with brokenServer(name, *shared) as (host, port):
+        status, document, out, err = check(host, port, tmp_path, *QUICK, "--keys", str(keys))
+        with socket.create_connection((host, port), timeout=10) as connection:
+            connection.sendall(b"faults\n")
+            faults, applied = connection.makefile().readline().split()
+    return status, document, out, err, int(faults), int(applied)
+
+
+def test_errorRepliesOfUnknownOutcomePassAndAreCounted(tmp_path: Path) -> None:
+    """
+    A server whose store is sometimes unavailable answers 'Error: ...' and
+    has applied some of those writes all the same: that is allowed, and
+    the report counts exactly the replies it sent.
+    """
+    status, document, out, err, faults, applied = checkFlaky("flaky", tmp_path)
+    assert status == 0, out + err
+    assert faults > 0 and applied > 0
+    for title in ("concurrency: replies", "concurrency: linearizability"):
+        stats = entry(document, title)["stats"]
+        assert stats["indeterminate"] == stats["error_replies"] == faults, (title, stats, faults)
+        assert stats["missing_replies"] == 0
+        assert f"{faults} indeterminate" in entry(document, title)["summary"]
+    assert f"{faults} indeterminate ({faults} 'Error: ' replies" in out
+
+
+def test_theSameFaultsWithoutTheErrorPrefixFail(tmp_path: Path) -> None:
+    """The same server, its fault reply without 'Error: ': a reply the protocol does not allow."""
+    status, document, out, err, faults, _ = checkFlaky("flaky-garbage", tmp_path)
+    assert status == 1, out + err
+    assert faults > 0
+    replies = entry(document, "concurrency: replies")
+    assert replies["passed"] is False
+    assert replies["summary"].startswith(f"{faults} replies the protocol does not allow")
+    assert replies["stats"]["indeterminate"] == 0
+    linear = entry(document, "concurrency: linearizability")
+    assert linear["passed"] is False and linear["summary"].startswith(f"not checked: {faults} of ")

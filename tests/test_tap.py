@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -292,3 +293,48 @@ def test_log_connections() -> None:
     assert not makeService(parse("--port", "6000"), reactor=MemoryReactor()).factory.logConnections
     svc = makeService(parse("--port", "6000", "--log-connections"), reactor=MemoryReactor())
     assert svc.factory.logConnections
+
+
+# --store: where the data lives.
+
+
+def test_the_store_is_in_memory_by_default() -> None:
+    options = parse()
+    assert options["store"] == "memory"
+    factory = _factoryOf(makeService(options, reactor=MemoryReactor()))
+    assert factory.store is not None and factory.remote is None
+
+
+def _factoryOf(top: object) -> KVFactory:
+    services = [top, *getattr(top, "services", [])]
+    for candidate in services:
+        if isinstance(candidate, KVService):
+            return candidate.factory
+    raise AssertionError(f"no KVService in {services}")
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis-cluster://127.0.0.1:7000,127.0.0.1:7001",
+                                 "etcd://127.0.0.1:2379"])
+def test_a_remote_store_becomes_the_factorys_engine(url: str) -> None:
+    options = parse("--store", url, "--key-prefix", "app:", "--store-timeout", "0.5")
+    top = makeService(options, reactor=MemoryReactor())
+    factory = _factoryOf(top)
+    assert factory.store is None and factory.remote is not None
+    # The engine is a child service, stopped after the listeners.
+    children = list(top)  # type: ignore[call-overload]
+    assert factory.remote in children and children.index(factory.remote) < children.index(
+        next(c for c in children if isinstance(c, KVService))
+    )
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--store", "mysql://x"], "expected memory, redis://"),
+    (["--store", "redis://127.0.0.1"], "redis://127.0.0.1"),
+    (["--store", "redis://127.0.0.1:6379", "--data", "somewhere"], "--data cannot be used with --store"),
+    (["--store", "etcd://127.0.0.1:2379", "--max-keys", "10"], "--max-keys cannot be used with --store"),
+    (["--store", "redis://127.0.0.1:6379", "--fsync", "always"], "--fsync needs --data"),
+    (["--store", "etcd://127.0.0.1:2379", "--store-timeout", "0"], "--store-timeout must be more than 0"),
+])
+def test_remote_store_usage_errors(args: list[str], words: str, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=re.escape(words)):
+        parse(*[str(tmp_path / a) if a == "somewhere" else a for a in args])

@@ -56,6 +56,10 @@ def _results(ran: list[plan.Scenario], rows: list[report.Row], verdicts: list[re
     if plainRows:
         parts.append("kvtwist with --metrics against the same kvtwist without it; what serving metrics costs:\n\n"
                      + report.formatTable(plainRows, against="plain"))
+    memoryRows = [r for r in rows if against.get(r.scenario) == plan.AGAINST_MEMORY]
+    if memoryRows:
+        parts.append("kvtwist nodes over a remote engine against kvtwist in memory (--store):\n\n"
+                     + report.formatTable(memoryRows, against="memory"))
     if quick:
         parts.append("Targets: not judged; a --quick run is far too short to tell.")
     elif verdicts:

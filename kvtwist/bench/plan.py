@@ -33,6 +33,7 @@ class Target:
 AGAINST_REDIS = "redis"
 AGAINST_TREE = "baseline tree"
 AGAINST_PLAIN = "without --metrics"
+AGAINST_MEMORY = "in memory"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,25 @@ def metricsScenario(load: Load, rounds: int) -> Scenario:
                     targets=(METRICS_COST,), against=AGAINST_PLAIN, alternate=True, freshServers=True)
 
 
+# A node over a remote engine may spend at most 3x the CPU per request of
+# one in memory, so that a few nodes serve what one in-memory node does.
+ENGINE_CPU = Target("cpu", "<=", 3.0)
+ENGINE_KEYS = ("engine-redis-d16", "engine-etcd-d16")
+
+
+def engineScenarios(load: Load, rounds: int) -> list[Scenario]:
+    """kvtwist nodes over a local Redis and a local etcd, beside kvtwist in memory and the engine itself."""
+    deep = replace(load, depth=16)
+    return [
+        Scenario("engine-redis-d16", f"{load.connections} conns, depth 16, a node over one Redis",
+                 deep, ("kvtwist", "kvtwist-redis", "redis"), rounds=rounds, targets=(ENGINE_CPU,),
+                 against=AGAINST_MEMORY, alternate=True),
+        Scenario("engine-etcd-d16", f"{load.connections} conns, depth 16, a node over one etcd member",
+                 deep, ("kvtwist", "kvtwist-etcd"), rounds=rounds, targets=(ENGINE_CPU,),
+                 against=AGAINST_MEMORY, alternate=True),
+    ]
+
+
 def fullPlan(
     rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True, trees: bool = False
 ) -> list[Scenario]:
@@ -124,6 +144,7 @@ def fullPlan(
         for n in (1, 10, 100, 1000)
     ]
     plan.append(metricsScenario(base, rounds))
+    plan += engineScenarios(base, rounds)
     plan.append(
         Scenario("mem1m", "1M keys stored", Load(connections=4, depth=64, keyspace=1_000_000, fill=True),
                  rounds=sweepRounds, memory=True, targets=(Target("rssPerKey", "<=", 1.0),))

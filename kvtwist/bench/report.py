@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtwist.bench.plan import AGAINST_PLAIN, AGAINST_TREE, Scenario, Target
+from kvtwist.bench.plan import AGAINST_MEMORY, AGAINST_PLAIN, AGAINST_TREE, Scenario, Target
 from kvtwist.bench.runner import Measurement
 from kvtwist.bench.servers import (
-    REDIS_COUNTERPART, baselineKind, installedSource, runsBaselineTree, treeSource, withoutMetricsKind,
+    REDIS_COUNTERPART, baselineKind, inMemoryKind, installedSource, runsBaselineTree, treeSource, withoutMetricsKind,
 )
 from kvtwist.bench.stats import median, pairedRatios
 
@@ -86,6 +86,9 @@ def againstOf(scenario: Scenario, server: str) -> str:
     if scenario.against == AGAINST_PLAIN:
         plain = withoutMetricsKind(server)
         return "" if plain == server else plain
+    if scenario.against == AGAINST_MEMORY:
+        memory = inMemoryKind(server)
+        return "" if memory == server else memory
     return REDIS_COUNTERPART.get(server, "")
 
 

@@ -163,7 +163,9 @@ def runPlan(
     results: list[Measurement] = []
     available = set(servers.KINDS)
     if options.redis is None:
-        available -= {"redis", "redis-always"}
+        available -= {"redis", "redis-always", "kvtwist-redis"}
+    if options.etcd is None:
+        available -= {"etcd", "kvtwist-etcd"}
     if options.pypy is None:
         available = {kind for kind in available if not servers.runsOnPypy(kind)}
     if options.baselineTree is None:

@@ -38,6 +38,8 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     workdir: Path
+    # The engine a kvtwist node keeps its data in (--store), stopped after the node.
+    engine: Server | None = None
 
     @property
     def pid(self) -> int:
@@ -55,6 +57,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.engine is not None:
+            self.engine.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -65,6 +69,7 @@ class Options:
     python: str = sys.executable
     pypy: str | None = None  # an interpreter with Twisted, for the kvtwist-pypy kinds
     redis: str | None = shutil.which("redis-server")
+    etcd: str | None = shutil.which("etcd")
     cserver: Path | None = None
     # Another checkout of kvtwist, run by the -baseline kinds (see treeSource).
     baselineTree: Path | None = None
@@ -198,6 +203,11 @@ def withoutMetricsKind(kind: str) -> str:
     return kind.removesuffix("-metrics")
 
 
+def inMemoryKind(kind: str) -> str:
+    """The kind that is ``kind`` with its data in memory instead of a remote engine."""
+    return "kvtwist" if kind in ENGINE_OF else kind
+
+
 def baselineKind(kind: str) -> str:
     """The kind that runs the baseline tree in the same way as ``kind``: kvtwist -> kvtwist-baseline."""
     return kind + BASELINE_SUFFIX
@@ -224,11 +234,28 @@ def _pythonEnv(kind: str, options: Options, workdir: Path) -> dict[str, str]:
 
 
 def _startKvtwist(kind: str, options: Options, workdir: Path) -> Server:
+    engine, store = None, []
+    if kind in ENGINE_OF:
+        engine = start(ENGINE_OF[kind], options)
+        scheme = "etcd" if engine.kind == "etcd" else "redis"
+        store = ["--store", f"{scheme}://{HOST}:{engine.port}"]
+    try:
+        server = _startPlainKvtwist(kind, options, workdir, store)
+    except BaseException:
+        if engine is not None:
+            engine.stop()
+        raise
+    server.engine = engine
+    return server
+
+
+def _startPlainKvtwist(kind: str, options: Options, workdir: Path, store: list[str]) -> Server:
     argv = [
         _python(kind, options), "-c", "from twisted.scripts.twistd import run; run()",
         "-n", "--pidfile=", "kvstore",
         "--port", f"tcp:0:interface={HOST}",
         "--max-connections", str(MAX_CONNECTIONS),
+        *store,
     ]
     if kind.endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
@@ -267,6 +294,40 @@ def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
     raise ServerError(f"redis-server did not start:\n{server.logText()}")
 
 
+def _startEtcd(kind: str, options: Options, workdir: Path) -> Server:
+    """One etcd member, alone: the engine of the kvtwist-etcd kind."""
+    if options.etcd is None:
+        raise ServerError("etcd is not installed")
+    for _ in range(5):
+        port, peer = _freePort(), _freePort()
+        argv = [
+            options.etcd, "--name", "bench", "--data-dir", str(workdir / "etcd"),
+            "--listen-client-urls", f"http://{HOST}:{port}", "--advertise-client-urls", f"http://{HOST}:{port}",
+            "--listen-peer-urls", f"http://{HOST}:{peer}", "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+            "--initial-cluster", f"bench=http://{HOST}:{peer}",
+        ]
+        server = Server(kind, "etcd", port, _spawn(argv, workdir), workdir)
+        if _waitForEtcd(server):
+            return server
+        server.proc.kill()
+        server.proc.wait()
+    raise ServerError(f"etcd did not start:\n{server.logText()}")
+
+
+def _waitForEtcd(server: Server, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            with socket.create_connection((HOST, server.port), timeout=1) as s:
+                s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                if b'"health":"true"' in s.recv(4096):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def _startCserver(kind: str, options: Options, workdir: Path) -> Server:
     if options.cserver is None:
         raise ServerError("cserver was not built")
@@ -283,8 +344,12 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     # The same kvtwist servers, run from another source tree (--baseline-tree).
     "kvtwist-baseline": _startKvtwist,
     "kvtwist-pypy-baseline": _startKvtwist,
+    # kvtwist nodes keeping their data in a remote engine started for them.
+    "kvtwist-redis": _startKvtwist,
+    "kvtwist-etcd": _startKvtwist,
     "redis": _startRedis,
     "redis-always": _startRedis,
+    "etcd": _startEtcd,
     "cserver": _startCserver,
     # kvtwist's connection handling without its work (kvtwist.bench.floor).
     "twisted-floor": _startFloor,
@@ -292,6 +357,9 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
 }
 
 KINDS = tuple(_STARTERS)
+
+# The engine each remote-store kind is started with.
+ENGINE_OF = {"kvtwist-redis": "redis", "kvtwist-etcd": "etcd"}
 
 # Each kvtwist configuration is compared with the Redis configuration that
 # makes the same promise.

@@ -1,10 +1,11 @@
 """
 The ``kvtwist-check`` command.
 
-It runs every check against ``HOST PORT`` on the Twisted reactor, prints
-progress on stderr while it works, and then the report on stdout. Exit
-status: 0 when every check passed, 1 when any failed, 2 for a usage error or
-a server that cannot be reached at all.
+It runs every check against ``HOST PORT``, or against the nodes
+``HOST:PORT HOST:PORT ...`` that claim to share one store, on the Twisted
+reactor, prints progress on stderr while it works, and then the report on
+stdout. Exit status: 0 when every check passed, 1 when any failed, 2 for a
+usage error (one line on stderr) or a server that cannot be reached at all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import IO, Any, NoReturn, Sequence, TextIO
 from twisted.internet.task import react
 from twisted.python import usage
 
+from kvtwist.check.nodes import AddressError, parseNodes
 from kvtwist.check.report import allPassed, renderJSON, renderText
 from kvtwist.check.runner import runChecks
 from kvtwist.check.target import BASIC, DEPRECATED_PROFILES, KVTWIST, PROFILES, Settings, Target
@@ -47,12 +49,6 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"not a TCP port number: {text!r}")
-    return int(text)
-
-
 def _profile(text: str) -> str:
     """A profile name; an old name becomes its new one, with a warning, so old scripts keep working."""
     new = DEPRECATED_PROFILES.get(text)
@@ -71,8 +67,22 @@ PROFILE_HELP = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, status 2, with where to look next."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+NODES_HELP = (
+    "the server as HOST PORT; or several nodes that share one store, as HOST:PORT each ([ADDRESS]:PORT for "
+    "IPv6; HOST:PORT alone for one node). Single-connection checks run against the first node; the visibility "
+    "and concurrency checks spread their clients over all nodes round-robin and check the whole history as one"
+)
+
+
 def parser() -> argparse.ArgumentParser:
-    arguments = argparse.ArgumentParser(
+    arguments = _Parser(
         prog=PROGRAM,
         description="Check that a key-value server speaking the kvtwist protocol conforms to it "
         "and behaves as one atomic store shared by concurrent clients.",
@@ -80,8 +90,7 @@ def parser() -> argparse.ArgumentParser:
         "The checker writes and deletes keys: do not point it at data you need.",
     )
     arguments.add_argument("--version", action="version", version=f"kvtwist {version()}")
-    arguments.add_argument("host", help="server host name or address")
-    arguments.add_argument("port", type=_port, help="server TCP port")
+    arguments.add_argument("nodes", nargs="+", metavar="NODE", help=NODES_HELP)
     arguments.add_argument("--clients", type=_positive(int), default=50, help="concurrent clients (default 50)")
     arguments.add_argument(
         "--duration", type=_positive(float), default=10.0, help="seconds of concurrent workload (default 10)"
@@ -165,11 +174,16 @@ def openReport(path: Path | None) -> JSONReport | None:
 
 def parseSettings(argv: Sequence[str]) -> tuple[Settings, Path | None]:
     """The run's settings and the JSON path; exits with status 2 on a usage error."""
-    options = parser().parse_args(argv)
+    arguments = parser()
+    # Intermixed: options may come between the nodes, as between HOST and PORT before.
+    options = arguments.parse_intermixed_args(argv)
+    try:
+        nodes = parseNodes(options.nodes)
+    except AddressError as e:
+        arguments.error(str(e))
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(10**6)
     settings = Settings(
-        host=options.host,
-        port=options.port,
+        nodes=nodes,
         clients=options.clients,
         duration=options.duration,
         keys=options.keys,
@@ -204,25 +218,53 @@ async def run(
 
 async def _run(reactor: Any, settings: Settings, report: JSONReport | None, out: TextIO, err: TextIO) -> int:
     target = Target(reactor, settings, _progress(err))
-    try:
-        client = await target.client()
-    except Exception as e:
-        print(f"{PROGRAM}: cannot connect to {target.address}: {e}", file=err)
+    reachable = await _reachable(reactor, target, err)
+    if not reachable:
         return 2
-    if settings.password is None and await _wantsPassword(reactor, client, settings.timeout):
-        print(
-            f"{PROGRAM}: {target.address} requires a password (it answers 'Error: authentication required'): "
-            "give it with --password-file FILE",
-            file=err,
-        )
-        return 2
-    client.connection.loseConnection()
-    target.progress(f"checking {target.address} with profile {settings.profile}, seed {settings.seed}")
+    target.progress(f"checking {target.description} with profile {settings.profile}, seed {settings.seed}")
+    notes = _nodeNotes(target)
+    for line in notes:
+        target.progress(line.strip())
     results = await runChecks(target)
-    out.write(renderText(target.address, settings.shown(), results))
+    out.write(renderText(target.description, settings.shown(), results, notes))
     if report is not None:
-        report.write(renderJSON(target.address, settings.shown(), results))
+        report.write(renderJSON(target.description, settings.shown(), results))
     return 0 if allPassed(results) else 1
+
+
+async def _reachable(reactor: Any, target: Target, err: TextIO) -> bool:
+    """Whether every node accepts a connection and, without --password-file, wants no password (else one line)."""
+    settings = target.settings
+    seen = set()
+    for index, node in enumerate(target.nodes):
+        if node in seen:
+            continue
+        seen.add(node)
+        try:
+            client = await target.client(index)
+        except Exception as e:
+            print(f"{PROGRAM}: cannot connect to {node.address}: {e}", file=err)
+            return False
+        if settings.password is None and await _wantsPassword(reactor, client, settings.timeout):
+            print(
+                f"{PROGRAM}: {node.address} requires a password (it answers 'Error: authentication required'): "
+                "give it with --password-file FILE",
+                file=err,
+            )
+            return False
+        client.connection.loseConnection()
+    return True
+
+
+def _nodeNotes(target: Target) -> list[str]:
+    """With several nodes: which checks ran where (the report's header says so)."""
+    if len(target.nodes) == 1:
+        return []
+    return [
+        f"  conformance, serving and robustness: the first node, {target.address}; "
+        f"visibility and concurrency: clients spread round-robin over all {len(target.nodes)} nodes, "
+        "one history checked as one store"
+    ]
 
 
 async def _wantsPassword(reactor: Any, client: KVClient, timeout: float) -> bool:

@@ -28,9 +28,32 @@ class Outcome(enum.Enum):
     OK = "OK"
     EXISTS = "Key already exists"
     NOT_FOUND = "Key not found"
-    #: No reply arrived, or a reply the protocol does not allow for this
-    #: request: the operation may or may not have taken effect.
+    #: No reply arrived, or one that does not say what happened (see
+    #: ``Reply``): the operation may or may not have taken effect.
     UNKNOWN = "unknown"
+
+
+class Reply(enum.Enum):
+    """
+    What kind of reply a request got: the one rule, used by every check of
+    the recorded history, for which replies are allowed and which of them
+    say what happened.
+    """
+
+    #: A reply the protocol allows for this request, telling what it did.
+    DEFINITE = "definite"
+    #: An ``Error: `` line. Allowed to any request (a server may be
+    #: overloaded, or its store unreachable), but the request may or may
+    #: not have taken effect: *indeterminate*, as Jepsen calls it. A get or
+    #: del answered so is just as unknown.
+    ERROR = "error"
+    #: No reply came (the connection was lost, or the server stalled): also
+    #: of unknown effect, but a server must answer every request.
+    MISSING = "missing"
+    #: Neither a reply the protocol allows for this request nor an
+    #: ``Error: `` line: garbage, or another protocol's reply. It says
+    #: nothing about what the server stored, and is never allowed.
+    FOREIGN = "foreign"
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,9 @@ class Operation:
     call: float
     ret: float
     reply: str | None
+    #: Which node (an index into the run's nodes) the client talked to, when
+    #: the run has several; ``None`` with one node, so reports stay as they were.
+    node: int | None = None
 
     @property
     def request(self) -> str:
@@ -64,27 +90,37 @@ class Operation:
         """
         The reply decoded: an ``Outcome``, or for a successful get, the value.
 
-        A reply that this request cannot have (``Key already exists`` to a
-        get, an ``Error:`` line, garbage) decodes as ``Outcome.UNKNOWN``;
-        the concurrency check reports such replies on their own.
+        A reply that does not say what happened (none, an ``Error:`` line,
+        or one the protocol does not allow here, such as ``Key already
+        exists`` to a get) decodes as ``Outcome.UNKNOWN``; ``kind`` tells
+        these apart.
         """
         return decodeReply(self.verb, self.reply)
 
     @property
+    def kind(self) -> Reply:
+        """What kind of reply this request got (see ``Reply``)."""
+        return classifyReply(self.verb, self.reply)
+
+    @property
     def foreign(self) -> bool:
         """
-        Whether a reply came that the protocol allows neither as an answer
-        to this request nor as an ``Error: `` line: garbage, or another
-        protocol's reply. Such a reply says nothing about what the server
-        stored, so a history holding it cannot be checked for atomicity.
+        Whether the reply is one the protocol never allows here (``Reply.FOREIGN``).
+        A history holding one cannot be checked for atomicity.
         """
-        return self.reply is not None and self.outcome is Outcome.UNKNOWN and not isError(self.reply)
+        return self.kind is Reply.FOREIGN
+
+    @property
+    def indeterminate(self) -> bool:
+        """Whether the request may or may not have taken effect: an ``Error: `` reply, or none."""
+        return self.kind in (Reply.ERROR, Reply.MISSING)
 
     def describe(self) -> str:
         """One line for a report: who, when, what was asked and answered."""
         end = "never" if math.isinf(self.ret) else f"{self.ret:.6f}"
         reply = "(no reply)" if self.reply is None else repr(self.reply)
-        return f"client {self.client:>3} [{self.call:.6f} .. {end}] {self.request!r} -> {reply}"
+        node = "" if self.node is None else f" on node {self.node + 1}"
+        return f"client {self.client:>3}{node} [{self.call:.6f} .. {end}] {self.request!r} -> {reply}"
 
 
 _FIXED_REPLIES = {
@@ -111,6 +147,17 @@ def decodeReply(verb: str, reply: str | None) -> Outcome | int:
         if value is not None:
             return value
     return Outcome.UNKNOWN
+
+
+def classifyReply(verb: str, reply: str | None) -> Reply:
+    """The kind of ``reply`` to a request with ``verb`` (see ``Reply``)."""
+    if reply is None:
+        return Reply.MISSING
+    if decodeReply(verb, reply) is not Outcome.UNKNOWN:
+        return Reply.DEFINITE
+    if isError(reply):
+        return Reply.ERROR
+    return Reply.FOREIGN
 
 
 def byKey(operations: Iterable[Operation]) -> dict[int, list[Operation]]:

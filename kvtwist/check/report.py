@@ -43,10 +43,12 @@ def allPassed(results: Sequence[CheckResult]) -> bool:
     return all(result.passed for result in results)
 
 
-def renderText(target: str, settings: dict[str, Any], results: Sequence[CheckResult]) -> str:
-    """The report for a terminal: a verdict line per check, evidence under each failure."""
-    shown = "  ".join(f"{name}={value}" for name, value in settings.items())
-    lines = [f"kvtwist-check report for {target}", f"  {shown}", ""]
+def renderText(
+    target: str, settings: dict[str, Any], results: Sequence[CheckResult], notes: Sequence[str] = ()
+) -> str:
+    """The report for a terminal: a verdict line per check, evidence under each failure; ``notes`` go in the header."""
+    shown = "  ".join(f"{name}={_shown(value)}" for name, value in settings.items())
+    lines = [f"kvtwist-check report for {target}", f"  {shown}", *notes, ""]
     for result in results:
         lines.append(f"{'PASS' if result.passed else 'FAIL'}  {result.title}: {result.summary}")
         for line in result.evidence:
@@ -58,6 +60,12 @@ def renderText(target: str, settings: dict[str, Any], results: Sequence[CheckRes
     else:
         lines.append(f"{len(results)} checks: all passed")
     return "\n".join(lines) + "\n"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
 
 
 def renderJSON(target: str, settings: dict[str, Any], results: Sequence[CheckResult]) -> str:

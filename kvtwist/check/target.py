@@ -1,5 +1,10 @@
 """
-The server under test and the settings of a run, shared by every check.
+The servers under test and the settings of a run, shared by every check.
+
+A run has one node or several that claim to share one store. Checks about
+one server's conversation (conformance, serving, robustness) talk to the
+first node; checks about shared state (visibility, concurrency) spread
+their clients over all nodes, client ``i`` on node ``i mod N``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from kvtwist.client import KVClient, connect, hostEndpoint
+from kvtwist.check.nodes import Node
 from kvtwist.check.probe import Probe, Transcript, openProbe
 from kvtwist.check.report import CheckResult
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST
@@ -30,8 +36,9 @@ DEPRECATED_PROFILES = {"assignment": BASIC}
 class Settings:
     """What the command line chose; every check reads its share."""
 
-    host: str
-    port: int
+    #: The servers under test: the first for single-connection checks, all
+    #: of them, round-robin, for the checks of shared state.
+    nodes: tuple[Node, ...]
     clients: int = 50
     duration: float = 10.0
     keys: int = 8
@@ -51,6 +58,7 @@ class Settings:
     def shown(self) -> dict[str, Any]:
         """The settings a report prints (enough to repeat the run)."""
         return {
+            "nodes": [node.address for node in self.nodes],
             "profile": self.profile,
             "seed": self.seed,
             "clients": self.clients,
@@ -83,24 +91,41 @@ class Target:
         self.clock = clock
 
     @property
+    def nodes(self) -> tuple[Node, ...]:
+        return self.settings.nodes
+
+    @property
     def address(self) -> str:
-        host = self.settings.host
-        return f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+        """The first node's address: where the single-connection checks run."""
+        return self.nodes[0].address
+
+    @property
+    def description(self) -> str:
+        """Every node's address, for a report's title."""
+        return ", ".join(node.address for node in self.nodes)
+
+    def nodeOf(self, client: int) -> int:
+        """The node (an index into ``nodes``) that client number ``client`` of a shared-state check talks to."""
+        return client % len(self.nodes)
 
     @property
     def strict(self) -> bool:
         """Whether the stricter rules of this project's protocol specification apply."""
         return self.settings.profile == KVTWIST
 
-    def _endpoint(self) -> Any:
-        return hostEndpoint(self.reactor, self.settings.host, self.settings.port, self.settings.timeout)
+    def _endpoint(self, node: int = 0) -> Any:
+        where = self.nodes[node]
+        return hostEndpoint(self.reactor, where.host, where.port, self.settings.timeout)
 
-    def client(self) -> Deferred[KVClient]:
-        """A new connected ``KVClient``, authenticated when the run has a password."""
-        return connect(self._endpoint(), password=self.settings.password)
+    def client(self, node: int = 0) -> Deferred[KVClient]:
+        """A new connected ``KVClient`` to node number ``node``, authenticated when the run has a password."""
+        return connect(self._endpoint(node), password=self.settings.password)
 
     def probe(self, name: str, transcript: Transcript) -> Deferred[Probe]:
-        """A new connected raw ``Probe`` writing into ``transcript``, authenticated when the run has a password."""
+        """
+        A new connected raw ``Probe`` to the first node, writing into
+        ``transcript``, authenticated when the run has a password.
+        """
         opening = openProbe(self.reactor, self._endpoint(), name, transcript)
         password = self.settings.password
         if password is None:

@@ -7,6 +7,10 @@ and, once all deletes are acknowledged, the others must find them gone. A
 server with a store per connection, or one that acknowledges writes it
 has not made, fails here in a way that is easy to read, independent of the
 random workload.
+
+With several nodes, clients are spread over them round-robin and each
+reads the keys of clients on other nodes first: the write on one node must
+be seen on another.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ async def checkVisibility(target: Target) -> CheckResult:
     keys = workload.keys(settings.seed, "visibility", count)
     choose = workload.rng(settings.seed, "visibility/values")
     values = [choose.randrange(1, 10**12) for _ in keys]
-    clients, errors = await connectAll(target, count)
+    connected, errors = await connectAll(target, count)
+    clients = [client for _, client in connected]
     if errors:
         for client in clients:
             client.connection.abortConnection()
@@ -46,7 +51,14 @@ async def checkVisibility(target: Target) -> CheckResult:
     problems: list[str] = []
 
     def others(index: int) -> list[int]:
-        return [(index + step) % count for step in range(1, min(count, READS_PER_CLIENT + 1))]
+        """The clients whose keys client ``index`` reads: those on other nodes first."""
+        candidates = [(index + step) % count for step in range(1, count)]
+        candidates.sort(key=lambda other: target.nodeOf(other) == target.nodeOf(index))
+        return candidates[:READS_PER_CLIENT]
+
+    def who(index: int) -> str:
+        node = f" on node {target.nodeOf(index) + 1}" if len(target.nodes) > 1 else ""
+        return f"client {index}{node}"
 
     async def phase(what: str, each: Callable[[int, KVClient], Coroutine[Any, Any, None]]) -> None:
         limit = settings.timeout * 2
@@ -63,7 +75,7 @@ async def checkVisibility(target: Target) -> CheckResult:
         line = f"put {keys[index]} {values[index]}"
         reply = await client.request(line)
         if reply != "OK":
-            problems.append(f"client {index}: {line!r} -> {reply!r} (the key was just deleted)")
+            problems.append(f"{who(index)}: {line!r} -> {reply!r} (the key was just deleted)")
 
     def reader(expected: Callable[[int], str], done: str) -> Callable[[int, KVClient], Coroutine[Any, Any, None]]:
         """Each client reads the others' keys and compares with ``expected(other)``."""
@@ -74,7 +86,7 @@ async def checkVisibility(target: Target) -> CheckResult:
             for other, reply in zip(asked, replies):
                 if reply != expected(other):
                     problems.append(
-                        f"client {index}: 'get {keys[other]}' -> {reply!r}, but client {other} had {done} "
+                        f"{who(index)}: 'get {keys[other]}' -> {reply!r}, but {who(other)} had {done} "
                         f"before this was asked (expected {expected(other)!r})"
                     )
 
@@ -83,7 +95,7 @@ async def checkVisibility(target: Target) -> CheckResult:
     async def delete(index: int, client: KVClient) -> None:
         reply = await client.request(b"del %d" % keys[index])
         if reply != "OK":
-            problems.append(f"client {index}: 'del {keys[index]}' -> {reply!r} right after its own put")
+            problems.append(f"{who(index)}: 'del {keys[index]}' -> {reply!r} right after its own put")
 
     try:
         for what, each in (
@@ -103,7 +115,16 @@ async def checkVisibility(target: Target) -> CheckResult:
             client.connection.abortConnection()
     if problems:
         return failed(GROUP, NAME, "a client did not see another client's acknowledged write", problems[:SHOWN])
+    reads = [(index, other) for index in range(count) for other in others(index)]
+    across = sum(target.nodeOf(index) != target.nodeOf(other) for index, other in reads)
+    where = ""
+    if len(target.nodes) > 1:
+        where = (
+            f", spread round-robin over {len(target.nodes)} nodes ({target.description}): {across} of the "
+            f"{len(reads)} reads of each round went to another node than the write"
+        )
     return passed(
-        GROUP, NAME, f"{count} clients each saw the others' writes and deletes once they were acknowledged"
+        GROUP, NAME, f"{count} clients each saw the others' writes and deletes once they were acknowledged{where}",
+        reads_per_round=len(reads), reads_on_another_node=across,
     )
 
