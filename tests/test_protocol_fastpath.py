@@ -123,3 +123,23 @@ def test_other_transports_take_the_ordinary_path() -> None:
     protocol.makeConnection(transport)
     protocol.dataReceived(b"get 1\n")
     assert transport.value() == b"Key not found\n"
+
+
+def test_this_twisted_has_what_the_fast_path_needs() -> None:
+    from kvtwist.server import directsend
+
+    assert directsend.ENABLED and directsend.sendNow is directsend._sendNow
+
+
+def test_a_twisted_without_the_private_queue_counter_takes_the_ordinary_path() -> None:
+    from kvtwist.server import directsend
+
+    class OtherQueue(tcp.Server):
+        # As a Twisted that keeps its queue some other way would be.
+        def __getattribute__(self, name: str) -> object:
+            if name == "_tempDataLen":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    assert directsend.supports(tcp.Server)
+    assert not directsend.supports(OtherQueue)

@@ -14,7 +14,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, cast
 
-from twisted.internet import interfaces, tcp
+from twisted.internet import interfaces
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kvtwist.server import stats as S
+from kvtwist.server.directsend import sendNow
 from kvtwist.storage.interface import DELETE, GET, PUT, Batch, IStore, Operation, Outcome, StoreError
 
 if TYPE_CHECKING:
@@ -595,15 +596,10 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def sendReplies(self, batch: Batch) -> None:
         """
-        Write the batch's replies, straight to the socket when that is safe.
-
-        ``transport.write`` only queues: the bytes leave on a later reactor
-        turn, after one epoll_ctl to watch the socket for writability and one
-        to stop. For small replies that costs about a quarter of the server's
-        CPU (docs/performance.md). So on a plain TCP connection with nothing
-        queued, the replies go to the kernel at once and only what it does
-        not take is queued. Sending only when the queue is empty keeps the
-        order; TLS and any other transport always take the ordinary path.
+        Write the batch's replies: straight to the socket when nothing is
+        queued before them (``kvtwist.server.directsend``), and only what
+        the kernel does not take through the transport's queue. TLS and any
+        other transport always take the ordinary path.
         """
         if self._lost:
             return
@@ -614,20 +610,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             self.factory.stats.latency.observe(time.perf_counter() - batch.received, replies.count(b"\n"))
         if replies:
             self.factory.stats.bytesOut += len(replies)
-            if (
-                type(transport) is tcp.Server
-                and transport.connected
-                and not transport.disconnecting
-                and not transport.dataBuffer
-                # Twisted keeps fresh writes in a private list until its next
-                # send; a Twisted without this counter takes the ordinary path.
-                and not getattr(transport, "_tempDataLen", True)
-            ):
-                sent = transport.writeSomeData(replies)
-                # An exception instead of a count means the connection is gone;
-                # the reactor finds that out on its own, as for any write.
-                if isinstance(sent, int):
-                    replies = replies[sent:]
+            replies = sendNow(transport, replies)
             if replies:
                 transport.write(replies)
         if batch.last:
