@@ -10,6 +10,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
+from kvtwist import compiled
 from kvtwist.engines import DEFAULT_KEY_PREFIX, DEFAULT_STORE_TIMEOUT, EngineOptions, EngineURLError, announceEngine, openEngine
 from kvtwist.server.arguments import (
     DEFAULT_PORT, dataDirectory, listenAddresses, metricsEndpoint, oneOf, passwordFile, positiveInt, seconds,
@@ -137,7 +138,8 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
         store = DurableStore(opened, config["fsync"], reactor)
         durable = DurableService(store)
     else:
-        store = MemoryStore(maxKeys=config["max-keys"])
+        # The compiled store where the extension is built (kvtwist.compiled), else the pure one.
+        store = (compiled.CompiledStore or MemoryStore)(maxKeys=config["max-keys"])
     factory = KVFactory(
         store,
         maxRequest=config["max-request"],

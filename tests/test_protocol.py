@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
@@ -10,12 +12,33 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from kvtwist import compiled
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.protocol import KVProtocol, parseInt64
 from kvtwist.storage.interface import Batch, IReplyTarget
 from kvtwist.storage.memory import MemoryStore
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Every test here runs on both in-memory stores: the pure-Python reference,
+# and the compiled one whose runChunk takes the common requests at C level
+# (kvtwist.compiled; skipped where the extension is not built).
+STORES = {"pure": MemoryStore, "compiled": compiled.CompiledStore}
+_storeKind = ["pure"]
+
+
+@pytest.fixture(autouse=True, params=list(STORES))
+def storeKind(request: pytest.FixtureRequest) -> Iterator[str]:
+    if STORES[request.param] is None:
+        pytest.skip(f"no compiled path: {compiled.unavailable}")
+    _storeKind[0] = request.param
+    yield request.param
+    _storeKind[0] = "pure"
+
+
+def newStore() -> Any:
+    """A store of the kind the running test is parametrized with."""
+    return STORES[_storeKind[0]]()  # type: ignore[misc]
 
 
 class CountingTransport(StringTransport):
@@ -29,7 +52,7 @@ class CountingTransport(StringTransport):
 
 
 def connect(factory: KVFactory | None = None) -> tuple[KVProtocol, CountingTransport]:
-    factory = factory or KVFactory(MemoryStore(), reactor=Clock())
+    factory = factory or KVFactory(newStore(), reactor=Clock())
     proto = factory.buildProtocol(None)
     transport = CountingTransport()
     proto.makeConnection(transport)
@@ -87,7 +110,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("request_", BAD_REQUESTS)
 def test_bad_input(request_: bytes) -> None:
-    factory = KVFactory(MemoryStore(), reactor=Clock())
+    factory = KVFactory(newStore(), reactor=Clock())
     factory.store.put(1, 5, Batch())
     proto, transport = connect(factory)
     proto.dataReceived(request_ + b"\nget 1\n")
@@ -123,7 +146,7 @@ def test_bye_closes_connection() -> None:
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_at_the_limit_is_served(limit: int) -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=limit, reactor=Clock())
+    factory = KVFactory(newStore(), maxRequest=limit, reactor=Clock())
     request = b"get " + b"0" * (limit - 5) + b"1"
     assert len(request) == limit
     assert run(request + b"\r\n", factory) == b"Key not found\n"
@@ -131,7 +154,7 @@ def test_request_at_the_limit_is_served(limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [10, 4096])
 def test_request_over_the_limit_closes(limit: int) -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=limit, reactor=Clock())
+    factory = KVFactory(newStore(), maxRequest=limit, reactor=Clock())
     proto, transport = connect(factory)
     proto.dataReceived(b"put 1 2\nget " + b"0" * (limit - 3) + b"1\nput 3 4\n")
     assert transport.value() == b"OK\nError: request too long\n"
@@ -140,7 +163,7 @@ def test_request_over_the_limit_closes(limit: int) -> None:
 
 
 def test_unfinished_request_over_the_limit_closes_at_once() -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=100, reactor=Clock())
+    factory = KVFactory(newStore(), maxRequest=100, reactor=Clock())
     proto, transport = connect(factory)
     proto.dataReceived(b"get 1\n" + b"9" * 60)
     assert transport.value() == b"Key not found\n"
@@ -150,7 +173,7 @@ def test_unfinished_request_over_the_limit_closes_at_once() -> None:
 
 
 def test_long_request_does_not_disturb_other_clients() -> None:
-    factory = KVFactory(MemoryStore(), maxRequest=64, reactor=Clock())
+    factory = KVFactory(newStore(), maxRequest=64, reactor=Clock())
     noisy, noisyTransport = connect(factory)
     quiet, quietTransport = connect(factory)
     quiet.dataReceived(b"put 1 2\n")
@@ -213,7 +236,7 @@ def test_half_close_with_nothing_pending_closes() -> None:
 
 def test_idle_timeout() -> None:
     clock = Clock()
-    factory = KVFactory(MemoryStore(), idleTimeout=5, reactor=clock)
+    factory = KVFactory(newStore(), idleTimeout=5, reactor=clock)
     proto = factory.buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -228,7 +251,7 @@ def test_idle_timeout() -> None:
 
 def test_no_idle_timeout_by_default() -> None:
     clock = Clock()
-    proto = KVFactory(MemoryStore(), reactor=clock).buildProtocol(None)
+    proto = KVFactory(newStore(), reactor=clock).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
     clock.advance(10**6)
@@ -237,7 +260,7 @@ def test_no_idle_timeout_by_default() -> None:
 
 
 def test_too_many_connections() -> None:
-    factory = KVFactory(MemoryStore(), maxConnections=2, reactor=Clock())
+    factory = KVFactory(newStore(), maxConnections=2, reactor=Clock())
     first, _ = connect(factory)
     connect(factory)
     refused = factory.buildProtocol(None)
@@ -339,7 +362,7 @@ def test_any_split_gives_the_same_replies(script: bytes, cuts: list[int]) -> Non
 
 def clocked(**options) -> tuple[KVProtocol, StringTransport, Clock]:
     clock = Clock()
-    proto = KVFactory(MemoryStore(), reactor=clock, **options).buildProtocol(None)
+    proto = KVFactory(newStore(), reactor=clock, **options).buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport, clock
@@ -384,7 +407,7 @@ def test_a_tls_handshake_has_the_time_of_a_request() -> None:
     from zope.interface import directlyProvides
 
     clock = Clock()
-    factory = KVFactory(MemoryStore(), reactor=clock, requestTimeout=10)
+    factory = KVFactory(newStore(), reactor=clock, requestTimeout=10)
     silent, finished = factory.buildProtocol(None), factory.buildProtocol(None)
     silentTransport, finishedTransport = StringTransport(), StringTransport()
     for proto, transport in ((silent, silentTransport), (finished, finishedTransport)):
@@ -419,7 +442,7 @@ def test_a_refused_connection_is_aborted_after_a_grace_period() -> None:
     from kvtwist.server.protocol import CLOSE_GRACE
 
     clock = Clock()
-    factory = KVFactory(MemoryStore(), maxConnections=1, reactor=clock)
+    factory = KVFactory(newStore(), maxConnections=1, reactor=clock)
     factory.buildProtocol(None).makeConnection(StringTransport())
     refused, transport = factory.buildProtocol(None), StringTransport()
     refused.makeConnection(transport)
@@ -500,7 +523,7 @@ def test_log_connections_logs_each_open_and_close_with_its_reason() -> None:
     from twisted.logger import capturedLogs, formatEvent
 
     clock = Clock()
-    factory = KVFactory(MemoryStore(), reactor=clock, logConnections=True, idleTimeout=1)
+    factory = KVFactory(newStore(), reactor=clock, logConnections=True, idleTimeout=1)
     with capturedLogs() as events:
         first, second = factory.buildProtocol(None), factory.buildProtocol(None)
         first.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4000)))
@@ -567,3 +590,10 @@ def test_a_batch_delivered_after_the_connection_is_gone_is_dropped() -> None:
     proto.connectionLost()
     proto.sendReplies(Batch(b"OK\n", last=True))
     assert transport.value() == b"" and not clock.getDelayedCalls()
+
+
+def test_the_compiled_store_takes_the_compiled_path(storeKind: str) -> None:
+    proto, transport = connect()
+    assert (proto._compiled is not None) == (storeKind == "compiled")
+    proto.dataReceived(b"put 1 2\nPUT 2 3\nget 1\r\nget 2\nbye\nget 1\n")
+    assert transport.value() == b"OK\nOK\n2\n3\nGoodbye\n"

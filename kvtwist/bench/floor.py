@@ -19,12 +19,12 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, endpoints, task
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 
 # All the floor takes from kvtwist: a connection's set-up, which reads only
 # the attributes of FloorFactory below, and its reply path, entered as
 # the store enters it (IReplyTarget.sendReplies); not the factory, nor a store.
-from kvtwist.server.protocol import KVProtocol
+from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
 
@@ -41,22 +41,28 @@ class FloorProtocol(KVProtocol):
             self.sendReplies(Batch(OK * count))
 
 
-class FloorFactory(Factory[Protocol]):
+# Not Factory[Protocol]: Twisted 25.5, the newest with TLS on PyPy 3.9, cannot subscript it.
+class FloorFactory(Factory):
     """What ``KVProtocol`` reads from its factory when a connection opens and closes, and no more."""
 
     protocol = FloorProtocol
     idleTimeout = 0.0
     password = None
     logConnections = False
+    maxRequest = DEFAULT_MAX_REQUEST
+    # No store: a FloorProtocol runs no request.
+    store = None
+    remote = None
 
-    def __init__(self) -> None:
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
         self.connections = 0
         self.stats = ServerStats()
 
 
 @defer.inlineCallbacks
 def serve(reactor: Any, description: str = DEFAULT_ENDPOINT) -> Any:
-    factory = FloorFactory()
+    factory = FloorFactory(reactor)
     port = yield endpoints.serverFromString(reactor, description).listen(factory)
     print(f"floor listening on port {port.getHost().port}", flush=True)
     # Serve until the process is stopped.

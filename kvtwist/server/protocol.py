@@ -22,11 +22,13 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kvtwist import compiled
 from kvtwist.server import stats as S
 from kvtwist.server.directsend import sendNow
 from kvtwist.storage.interface import DELETE, GET, PUT, Batch, IStore, Operation, Outcome, StoreError
 
 if TYPE_CHECKING:
+    from kvtwist.compiled._chunk import CompiledStore
     from kvtwist.server.factory import KVFactory
 
 DEFAULT_MAX_REQUEST = 4096
@@ -137,6 +139,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     factory: KVFactory
     # The factory's in-process store, when the data is not in a remote engine.
     _store: IStore
+    # The same store when it runs whole chunks in C (kvtwist.compiled), else None.
+    _compiled: CompiledStore | None = None
     _log = Logger()
 
     def __init__(self) -> None:
@@ -186,8 +190,11 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._counts = stats.requests
         if self.factory.logConnections:
             self._log.info("kvstore: connection from {peer} opened", peer=_peer(self.transport))
-        if self.factory.store is not None:
-            self._store = self.factory.store
+        store = self.factory.store
+        if store is not None:
+            self._store = store
+            if compiled.CompiledStore is not None and type(store) is compiled.CompiledStore:
+                self._compiled = store
         else:
             self._commands = self._unlocked = _REMOTE_COMMANDS
         if self.factory.password is not None:
@@ -330,13 +337,17 @@ class KVProtocol(Protocol, TimeoutMixin):
             # (While paused, a TLS transport still hands over what it had
             # decrypted: that does not stop the clock on unread replies.)
             self._pendingSince = None
-        lines = buffered.split(b"\n")
-        rest = lines.pop()
         batch = Batch()
         if factory.timing:
             batch.received = time.perf_counter()
-        run = self._run if self._commands is not _LOCKED else self._runLocked
-        replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
+        compiledStore = self._compiled
+        if compiledStore is not None and self._commands is _COMMANDS:
+            replies, rest = self._runCompiled(compiledStore, buffered, batch)
+        else:
+            lines = buffered.split(b"\n")
+            rest = lines.pop()
+            run = self._run if self._commands is not _LOCKED else self._runLocked
+            replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
         if rest and not self._closing and self._keepUnfinished(rest):
             replies.append(TOO_LONG)
             self._counts[S.TOO_LONG] += 1
@@ -378,6 +389,29 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._pendingSince = None
             return True
         return False
+
+    def _runCompiled(self, store: CompiledStore, buffered: bytes, batch: Batch) -> tuple[list[bytes], bytes]:
+        """
+        ``_run`` for a store that runs requests in C: the common lines of
+        the chunk run there without a Python object per request, and each
+        line it leaves (anything unusual) runs here, the reference path.
+        Returns the replies and the unfinished request after the last LF.
+        """
+        end = buffered.rfind(b"\n") + 1
+        limit, counts = self.factory.maxRequest, self._counts
+        replies, offset = store.runChunk(buffered, 0, limit, counts)
+        out = [replies]
+        careful: bool | None = None
+        while offset != end:
+            if careful is None:
+                careful = _NEEDS_CARE.search(buffered) is not None
+            lineEnd = buffered.index(b"\n", offset)
+            out += self._run([buffered[offset:lineEnd]], careful, batch)
+            if self._closing:
+                break
+            replies, offset = store.runChunk(buffered, lineEnd + 1, limit, counts)
+            out.append(replies)
+        return out, buffered[end:]
 
     def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> list[bytes]:
         """``_run`` before authentication: one request at a time, as ``auth`` may unlock the rest."""

@@ -1,0 +1,531 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""
+The in-memory store in C, with a whole chunk of common requests run at C level.
+
+On CPython the interpreter's work per request (a split list, tokens,
+parsed ints, a reply object, method calls) costs more than everything
+else the server does at depth 16. ``CompiledStore.runChunk`` walks the
+received bytes, looks keys up in a C hash map and writes the replies into
+one buffer, with no Python object per token or per request. Every line it
+is not sure about is left to the Python protocol, which stays the
+reference for the whole grammar.
+"""
+
+import os
+
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memchr, memcpy
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from kvtwist.server import stats as _stats
+from kvtwist.storage.interface import StoreFull
+
+# The reply texts of the protocol (kvtwist.server.protocol; a test checks
+# that they agree).
+cdef const char* _OK = b"OK\n"
+cdef const char* _EXISTS = b"Key already exists\n"
+cdef const char* _NOT_FOUND = b"Key not found\n"
+cdef enum:
+    _OK_LEN = 3
+    _EXISTS_LEN = 19
+    _NOT_FOUND_LEN = 14
+STORE_FULL = "store is full"
+
+# The outcomes runChunk tallies, and where each is counted in the
+# server's request counters.
+cdef enum:
+    _STORED
+    _EXISTED
+    _GOT
+    _GOT_NONE
+    _DELETED
+    _DELETED_NONE
+    _OUTCOMES
+cdef Py_ssize_t _COUNT_AT[_OUTCOMES]
+_COUNT_AT[:] = [
+    _stats.PUT_OK, _stats.PUT_EXISTS, _stats.GET_FOUND, _stats.GET_NOT_FOUND, _stats.DEL_OK, _stats.DEL_NOT_FOUND
+]
+cdef Py_ssize_t _LAST_COUNT = max(_COUNT_AT)
+
+cdef enum:
+    # The map is split into 1 << _SHARD_BITS tables that grow on their own.
+    _SHARD_BITS = 8
+    _SHARDS = 1 << _SHARD_BITS
+    # The smallest table, in slots (a power of two).
+    _MIN_SLOTS = 8
+    # Linear probing stays fast up to about 70% full: grow beyond 11/16,
+    # shrink below 1/8 (to 1/4 full after halving, so that churn around
+    # one size never resizes back and forth).
+    _GROW_NUM = 11
+    _GROW_DEN = 16
+    # Reply bytes per request byte, at most: the shortest request line,
+    # "get 1\n", is 6 bytes, and the longest reply 21
+    # ("-999999999999999999\n"; "Key already exists\n" is 19).
+    _REPLY_PER_BYTE = 4
+    # Digits that always fit an int64; longer numbers go to the Python path.
+    _MAX_DIGITS = 18
+    # runChunk keeps its reply buffer between calls up to this size, which
+    # a chunk of one 4 KiB read never needs; a bigger one is freed at once.
+    _KEPT_REPLY_BYTES = 65536
+
+
+cdef struct Slot:
+    int64_t key
+    int64_t value
+
+
+# One shard: an open-addressing table and the entry counts that resize it.
+cdef struct Table:
+    Slot* slots
+    uint64_t mask
+    Py_ssize_t used
+    Py_ssize_t growAt
+    Py_ssize_t shrinkAt
+
+
+cdef inline uint64_t _mix(int64_t key, uint64_t salt) noexcept nogil:
+    """A keyed 64-bit finalizer (MurmurHash3's): every key bit moves every index bit."""
+    cdef uint64_t h = <uint64_t>key + salt
+    h ^= h >> 33
+    h *= 0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    h *= 0xc4ceb9fe1a85ec53ULL
+    h ^= h >> 33
+    return h
+
+
+cdef int _resizeTable(Table* table, uint64_t slots, uint64_t salt) noexcept nogil:
+    """Move a table's entries into ``slots`` fresh slots (a power of two); -1, changing nothing, without memory."""
+    cdef Slot* fresh = <Slot*>calloc(slots, sizeof(Slot))
+    cdef Slot* old = table.slots
+    cdef uint64_t oldSlots = 0 if old == NULL else table.mask + 1
+    cdef uint64_t mask = slots - 1
+    cdef uint64_t i, j
+    if fresh == NULL:
+        return -1
+    for i in range(oldSlots):
+        if old[i].key != 0:
+            # The keys are distinct: the first empty slot is the place.
+            j = _mix(old[i].key, salt) & mask
+            while fresh[j].key != 0:
+                j = (j + 1) & mask
+            fresh[j] = old[i]
+    free(old)
+    table.slots = fresh
+    table.mask = mask
+    table.growAt = <Py_ssize_t>(slots * _GROW_NUM // _GROW_DEN)
+    table.shrinkAt = 0 if slots <= _MIN_SLOTS else <Py_ssize_t>(slots // 8)
+    return 0
+
+
+cdef inline const char* _parseInt(const char* p, const char* end, int64_t* out) noexcept nogil:
+    """
+    Parse an optional '-' and 1 to 18 ASCII digits at ``p``; return the
+    first byte after them, or NULL when that is not a number of the common
+    form (the Python path judges it).
+    """
+    cdef bint negative = False
+    cdef int64_t value = 0
+    cdef const char* first
+    if p < end and p[0] == c'-':
+        negative = True
+        p += 1
+    first = p
+    while p < end and c'0' <= p[0] <= c'9':
+        if p - first == _MAX_DIGITS:
+            return NULL
+        value = value * 10 + (p[0] - c'0')
+        p += 1
+    if p == first:
+        return NULL
+    out[0] = -value if negative else value
+    return p
+
+
+cdef enum:
+    _OTHER
+    _PUT
+    _GET
+    _DEL
+
+
+cdef inline int _verb(const char* p) noexcept nogil:
+    """Which of the three lower-case verbs the three bytes at ``p`` spell, if any."""
+    if p[0] == c'g' and p[1] == c'e' and p[2] == c't':
+        return _GET
+    if p[0] == c'p' and p[1] == c'u' and p[2] == c't':
+        return _PUT
+    if p[0] == c'd' and p[1] == c'e' and p[2] == c'l':
+        return _DEL
+    return _OTHER
+
+
+cdef inline char* _formatInt(char* out, int64_t value) noexcept nogil:
+    """Write ``value`` in canonical decimal and a LF at ``out``; return the byte after them."""
+    cdef char digits[20]
+    cdef int n = 0
+    cdef uint64_t magnitude
+    if value < 0:
+        out[0] = c'-'
+        out += 1
+        # Negating in unsigned arithmetic is defined for INT64_MIN too.
+        magnitude = 0 - <uint64_t>value
+    else:
+        magnitude = <uint64_t>value
+    while True:
+        digits[n] = <char>(c'0' + magnitude % 10)
+        n += 1
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    while n > 0:
+        n -= 1
+        out[0] = digits[n]
+        out += 1
+    out[0] = c'\n'
+    return out + 1
+
+
+cdef class CompiledStore:
+    """
+    The ``IStore`` that keeps everything in a C hash map, with the
+    semantics of ``MemoryStore``, plus ``runChunk`` for the protocol.
+
+    The map is open addressing with linear probing over 16-byte slots of
+    (key, value), hashed with a random salt per store so that clients
+    cannot easily choose colliding keys. Key 0 marks an empty slot (fresh
+    tables come zeroed from calloc); the key 0 itself is kept beside the
+    tables. Deletion shifts later entries of the run back, so there are
+    no tombstones and churn never slows lookups. The top bits of a key's
+    hash pick one of 256 tables, which doubles beyond 11/16 full and
+    halves below 1/8: growing moves 1/256 of the keys, so no put stalls
+    the server for long (one table of 3M keys took 0.2 s to double).
+    """
+
+    cdef Table _tables[_SHARDS]
+    # Entries in the tables (the key 0 not included).
+    cdef Py_ssize_t _used
+    cdef bint _hasZero
+    cdef int64_t _zeroValue
+    cdef uint64_t _salt
+    cdef Py_ssize_t _room
+    # runChunk's reply buffer, kept between calls.
+    cdef char* _out
+    cdef Py_ssize_t _outSize
+
+    def __cinit__(self):
+        cdef int i
+        self._salt = int.from_bytes(os.urandom(8), "little")
+        for i in range(_SHARDS):
+            if _resizeTable(&self._tables[i], _MIN_SLOTS, self._salt) < 0:
+                raise MemoryError()
+
+    def __init__(self, items=None, maxKeys=None):
+        """
+        ``items``, (key, value) pairs, become the store's contents (the first
+        of a repeated key wins). With ``maxKeys``, a put of a new key beyond
+        that many is refused with ``StoreFull``, as in ``MemoryStore``;
+        gets and dels go on.
+        """
+        cdef int64_t key, value
+        self._room = (<Py_ssize_t>maxKeys) if maxKeys is not None else PY_SSIZE_T_MAX
+        if items is not None:
+            for key, value in items:
+                self._insert(key, value)
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(_SHARDS):
+            free(self._tables[i].slots)
+        free(self._out)
+
+    # The map
+
+    cdef inline Slot* _find(self, int64_t key, Table** where) noexcept nogil:
+        """The slot holding ``key`` (not 0), or the empty slot where it would go; its table in ``where``."""
+        cdef uint64_t h = _mix(key, self._salt)
+        cdef Table* table = &self._tables[h >> (64 - _SHARD_BITS)]
+        cdef Slot* slots = table.slots
+        cdef uint64_t mask = table.mask
+        cdef uint64_t i = h & mask
+        while slots[i].key != key and slots[i].key != 0:
+            i = (i + 1) & mask
+        where[0] = table
+        return &slots[i]
+
+    cdef inline bint _has(self, int64_t key) noexcept nogil:
+        cdef Table* table
+        if key == 0:
+            return self._hasZero
+        return self._find(key, &table).key != 0
+
+    cdef inline bint _lookup(self, int64_t key, int64_t* value) noexcept nogil:
+        cdef Slot* slot
+        cdef Table* table
+        if key == 0:
+            value[0] = self._zeroValue
+            return self._hasZero
+        slot = self._find(key, &table)
+        value[0] = slot.value
+        return slot.key != 0
+
+    cdef inline int _tryPut(self, int64_t key, int64_t value) noexcept nogil:
+        """
+        Store ``value`` under ``key`` unless the key exists: 1 if stored,
+        0 if the key exists, -1 (changing nothing) when the store is full
+        or memory is short to grow.
+        """
+        cdef Slot* slot
+        cdef Table* table
+        if key == 0:
+            if self._hasZero:
+                return 0
+            if self._count() >= self._room:
+                return -1
+            self._hasZero = True
+            self._zeroValue = value
+            return 1
+        slot = self._find(key, &table)
+        if slot.key != 0:
+            return 0
+        if self._count() >= self._room:
+            return -1
+        if table.used >= table.growAt:
+            if _resizeTable(table, (table.mask + 1) * 2, self._salt) < 0:
+                return -1
+            slot = self._find(key, &table)
+        slot.key = key
+        slot.value = value
+        table.used += 1
+        self._used += 1
+        return 1
+
+    cdef int _insert(self, int64_t key, int64_t value) except -1:
+        """A put beyond any limit on keys (loading): 1 if stored, 0 if the key exists."""
+        cdef Py_ssize_t room = self._room
+        cdef int stored
+        self._room = PY_SSIZE_T_MAX
+        stored = self._tryPut(key, value)
+        self._room = room
+        if stored < 0:
+            raise MemoryError()
+        return stored
+
+    cdef bint _remove(self, int64_t key) noexcept nogil:
+        """Remove ``key``; True if it was there."""
+        cdef Table* table
+        cdef Slot* slots
+        cdef Slot* slot
+        cdef uint64_t mask, hole, j, home
+        if key == 0:
+            if not self._hasZero:
+                return False
+            self._hasZero = False
+            return True
+        slot = self._find(key, &table)
+        if slot.key == 0:
+            return False
+        slots, mask = table.slots, table.mask
+        hole = j = <uint64_t>(slot - slots)
+        while True:
+            j = (j + 1) & mask
+            if slots[j].key == 0:
+                break
+            home = _mix(slots[j].key, self._salt) & mask
+            # The entry at j may fill the hole unless its home lies
+            # cyclically after the hole and at or before j.
+            if ((home - hole - 1) & mask) >= ((j - hole) & mask):
+                slots[hole] = slots[j]
+                hole = j
+        slots[hole].key = 0
+        slots[hole].value = 0
+        table.used -= 1
+        self._used -= 1
+        if table.used < table.shrinkAt:
+            # Without memory for the smaller table, the bigger one stays.
+            _resizeTable(table, (mask + 1) // 2, self._salt)
+        return True
+
+    cdef inline Py_ssize_t _count(self) noexcept nogil:
+        return self._used + self._hasZero
+
+    # IStore
+
+    @property
+    def full(self):
+        """Whether a put of a new key would be refused."""
+        return self._count() >= self._room
+
+    def put(self, int64_t key, int64_t value, batch):
+        cdef int stored = self._tryPut(key, value)
+        if stored < 0:
+            if self._count() >= self._room:
+                raise StoreFull(STORE_FULL)
+            raise MemoryError()
+        return stored == 1
+
+    def get(self, int64_t key, batch):
+        cdef int64_t value
+        if self._lookup(key, &value):
+            return value
+        return None
+
+    def delete(self, int64_t key, batch):
+        return self._remove(key)
+
+    def deliver(self, target, batch):
+        target.sendReplies(batch)
+
+    def items(self):
+        """Every (key, value) pair, in no particular order, as they were when called."""
+        cdef int t
+        cdef uint64_t i
+        cdef Slot* slots
+        cdef list pairs = []
+        if self._hasZero:
+            pairs.append((0, self._zeroValue))
+        for t in range(_SHARDS):
+            slots = self._tables[t].slots
+            for i in range(self._tables[t].mask + 1):
+                if slots[i].key != 0:
+                    pairs.append((slots[i].key, slots[i].value))
+        return iter(pairs)
+
+    def __len__(self):
+        return self._count()
+
+    def __contains__(self, key):
+        if not isinstance(key, int) or not (-(2**63) <= key < 2**63):
+            return False
+        return self._has(<int64_t>key)
+
+    def capacity(self):
+        """The slots of all the tables, 16 bytes each: for tests and memory figures."""
+        cdef int t
+        cdef Py_ssize_t total = 0
+        for t in range(_SHARDS):
+            total += self._tables[t].mask + 1
+        return total
+
+    # The chunk executor
+
+    def runChunk(self, bytes data not None, Py_ssize_t start, Py_ssize_t maxRequest, list counts not None):
+        """
+        Run the complete lines of ``data`` from ``start`` that are in the
+        common form, and stop at the first that is not, or at the end of
+        the complete lines, without consuming it.
+
+        The common form is exactly ``put K V``, ``get K`` or ``del K``,
+        lower case, single spaces, each number an optional '-' and 1 to 18
+        ASCII digits, the line no longer than ``maxRequest`` bytes; and an
+        empty line, which gets no reply, as in the protocol. A put of a new
+        key into a full store is not common: the Python path refuses it.
+
+        Returns the replies and the offset just after the last line run,
+        and adds the count of each outcome to ``counts`` (indices from
+        kvtwist.server.stats).
+        """
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef const char* base = PyBytes_AS_STRING(data)
+        cdef const char* p
+        cdef char* out
+        cdef char* o
+        cdef Py_ssize_t need
+        cdef Py_ssize_t tally[_OUTCOMES]
+        cdef int i
+        if start < 0 or start > size:
+            raise ValueError("start is outside the data")
+        if len(counts) <= _LAST_COUNT:
+            raise ValueError("counts has no place for every outcome")
+        need = (size - start) * _REPLY_PER_BYTE
+        if need <= self._outSize:
+            out = self._out
+        else:
+            out = <char*>malloc(need)
+            if out == NULL:
+                raise MemoryError()
+            if need <= _KEPT_REPLY_BYTES:
+                free(self._out)
+                self._out = out
+                self._outSize = need
+        for i in range(_OUTCOMES):
+            tally[i] = 0
+        o = out
+        p = self._runLines(base + start, base + size, maxRequest, &o, tally)
+        try:
+            replies = PyBytes_FromStringAndSize(out, o - out)
+        finally:
+            if out != self._out:
+                free(out)
+        for i in range(_OUTCOMES):
+            if tally[i]:
+                counts[_COUNT_AT[i]] += tally[i]
+        return replies, p - base
+
+    cdef const char* _runLines(
+        self, const char* p, const char* end, Py_ssize_t maxRequest, char** reply, Py_ssize_t* tally
+    ) noexcept nogil:
+        """runChunk's loop: run lines from ``p``, append replies at ``reply[0]``, tally outcomes; return where it stopped."""
+        cdef const char* nl
+        cdef const char* q
+        cdef char* o = reply[0]
+        cdef int verb, stored
+        cdef int64_t key, value
+        while p < end:
+            nl = <const char*>memchr(p, c'\n', end - p)
+            if nl == NULL or nl - p > maxRequest:
+                break
+            if nl == p:
+                p = nl + 1
+                continue
+            if nl - p < 5 or p[3] != c' ':
+                break
+            verb = _verb(p)
+            if verb == _OTHER:
+                break
+            q = _parseInt(p + 4, nl, &key)
+            if q == NULL:
+                break
+            if verb == _GET:
+                if q != nl:
+                    break
+                if self._lookup(key, &value):
+                    o = _formatInt(o, value)
+                    tally[_GOT] += 1
+                else:
+                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                    o += _NOT_FOUND_LEN
+                    tally[_GOT_NONE] += 1
+            elif verb == _PUT:
+                if q == nl or q[0] != c' ':
+                    break
+                q = _parseInt(q + 1, nl, &value)
+                if q != nl:
+                    break
+                stored = self._tryPut(key, value)
+                if stored == 1:
+                    memcpy(o, _OK, _OK_LEN)
+                    o += _OK_LEN
+                    tally[_STORED] += 1
+                elif stored == 0:
+                    memcpy(o, _EXISTS, _EXISTS_LEN)
+                    o += _EXISTS_LEN
+                    tally[_EXISTED] += 1
+                else:
+                    break
+            else:
+                if q != nl:
+                    break
+                if self._remove(key):
+                    memcpy(o, _OK, _OK_LEN)
+                    o += _OK_LEN
+                    tally[_DELETED] += 1
+                else:
+                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                    o += _NOT_FOUND_LEN
+                    tally[_DELETED_NONE] += 1
+            p = nl + 1
+        reply[0] = o
+        return p

@@ -1,0 +1,394 @@
+"""
+The compiled path: CompiledStore's C hash map on its own, and runChunk
+against the pure-Python protocol over MemoryStore, which is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from kvtwist.compiled import CompiledStore, unavailable
+from kvtwist.server import protocol as P, stats as S
+from kvtwist.server.factory import KVFactory
+from kvtwist.server.protocol import KVProtocol
+from kvtwist.storage.interface import Batch, IStore, StoreFull
+from kvtwist.storage.memory import MemoryStore
+
+pytestmark = pytest.mark.skipif(CompiledStore is None, reason=f"no compiled path: {unavailable}")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+int64 = st.integers(min_value=INT64_MIN, max_value=INT64_MAX)
+
+
+def store(maxKeys: int | None = None) -> Any:
+    assert CompiledStore is not None
+    return CompiledStore(maxKeys=maxKeys)
+
+
+# The map
+
+
+def test_is_an_istore_that_delivers_at_once() -> None:
+    s = store()
+    assert isinstance(s, IStore)
+    delivered = []
+
+    class Target:
+        def sendReplies(self, batch: Batch) -> None:
+            delivered.append(batch)
+
+        def abandonReplies(self) -> None:
+            raise AssertionError("not expected")
+
+    batch = Batch(b"OK\n")
+    s.deliver(Target(), batch)
+    assert delivered == [batch]
+
+
+def test_put_get_delete() -> None:
+    s = store()
+    assert s.put(1, 2, Batch()) is True
+    assert s.put(1, 3, Batch()) is False
+    assert s.get(1, Batch()) == 2
+    assert s.get(2, Batch()) is None
+    assert s.delete(1, Batch()) is True
+    assert s.delete(1, Batch()) is False
+    assert s.get(1, Batch()) is None
+    assert len(s) == 0
+
+
+@pytest.mark.parametrize("key", [0, -1, 1, INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1])
+@pytest.mark.parametrize("value", [0, -1, INT64_MIN, INT64_MAX])
+def test_extremes_and_zero(key: int, value: int) -> None:
+    s = store()
+    assert s.put(key, value, Batch())
+    assert key in s and len(s) == 1
+    assert s.get(key, Batch()) == value
+    assert list(s.items()) == [(key, value)]
+    assert s.delete(key, Batch())
+    assert key not in s and len(s) == 0
+
+
+def test_out_of_range_keys_are_refused_and_never_contained() -> None:
+    s = store()
+    with pytest.raises(OverflowError):
+        s.put(INT64_MAX + 1, 0, Batch())
+    with pytest.raises(OverflowError):
+        s.put(0, INT64_MIN - 1, Batch())
+    assert len(s) == 0
+    assert INT64_MAX + 1 not in s
+    assert "1" not in s
+
+
+def test_grows_and_keeps_everything() -> None:
+    s = store()
+    empty = s.capacity()
+    assert empty == 256 * 8
+    for k in range(-50_000, 50_000):
+        assert s.put(k * 7919, k, Batch())
+    # Every table doubles beyond 11/16 full, so it is at least 11/32 full after.
+    assert 11 / 32 <= len(s) / s.capacity() <= 11 / 16
+    assert all(s.get(k * 7919, Batch()) == k for k in range(-50_000, 50_000))
+    assert len(s) == 100_000
+
+
+def test_shrinks_when_mostly_empty() -> None:
+    s = store()
+    for k in range(1, 100_001):
+        s.put(k, k, Batch())
+    big = s.capacity()
+    for k in range(1, 99_001):
+        assert s.delete(k, Batch())
+    assert s.capacity() <= big // 4
+    assert sorted(s.items()) == [(k, k) for k in range(99_001, 100_001)]
+    for k in range(99_001, 100_001):
+        assert s.delete(k, Batch())
+    assert s.capacity() == 256 * 8 and len(s) == 0
+
+
+def test_deletion_keeps_colliding_runs_findable() -> None:
+    """Tables filled up to their limit hold runs of colliding keys; delete in random orders."""
+    rng = random.Random(5)
+    for _ in range(3):
+        s = store()
+        keys = rng.sample(range(-10**6, 10**6), 5000)
+        for k in keys:
+            s.put(k, -k, Batch())
+        rng.shuffle(keys)
+        for i, k in enumerate(keys):
+            assert s.delete(k, Batch())
+            assert s.get(k, Batch()) is None
+            if i % 50 == 0:
+                assert all(s.get(other, Batch()) == -other for other in keys[i + 1 :])
+        assert len(s) == 0
+
+
+def test_million_keys() -> None:
+    s = store()
+    chunk = b"".join(b"put %d %d\n" % (k, -k) for k in range(1_000_000))
+    counts = [0] * len(S.REQUEST_KINDS)
+    replies, offset = s.runChunk(chunk, 0, 4096, counts)
+    assert offset == len(chunk) and replies == b"OK\n" * 1_000_000
+    assert len(s) == 1_000_000 and s.capacity() == 2**21
+    assert all(s.get(k, Batch()) == -k for k in range(0, 1_000_000, 997))
+    for k in range(0, 1_000_000, 2):
+        s.delete(k, Batch())
+    assert len(s) == 500_000
+    assert sorted(s.items())[:3] == [(1, -1), (3, -3), (5, -5)]
+    assert 999_999 in s and 999_998 not in s
+
+
+@given(st.lists(st.tuples(st.sampled_from(["put", "get", "del"]), st.integers(-40, 40) | int64, int64), max_size=300))
+def test_behaves_like_memory_store(ops: list[tuple[str, int, int]]) -> None:
+    s, model = store(), MemoryStore()
+    for op, key, value in ops:
+        if op == "put":
+            assert s.put(key, value, Batch()) == model.put(key, value, Batch())
+        elif op == "get":
+            assert s.get(key, Batch()) == model.get(key, Batch())
+        else:
+            assert s.delete(key, Batch()) == model.delete(key, Batch())
+        assert len(s) == len(model)
+    assert sorted(s.items()) == sorted(model.items())
+
+
+def test_items_from_the_constructor_and_max_keys() -> None:
+    assert CompiledStore is not None
+    s = CompiledStore([(1, 1), (2, 2), (1, 9), (0, 5)], maxKeys=2)
+    assert sorted(s.items()) == [(0, 5), (1, 1), (2, 2)]
+    # Already beyond the limit, as MemoryStore allows after recovery.
+    assert s.full
+    assert s.put(1, 3, Batch()) is False
+    with pytest.raises(StoreFull, match="store is full"):
+        s.put(3, 3, Batch())
+    assert s.get(2, Batch()) == 2 and s.delete(2, Batch()) and s.delete(0, Batch())
+    assert not s.full
+    assert s.put(3, 3, Batch()) is True
+    assert s.full
+
+
+def test_compiled_path_can_be_switched_off() -> None:
+    code = "import kvtwist.compiled as c; print(c.CompiledStore, c.unavailable)"
+    env = dict(os.environ, KVTWIST_PURE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None disabled by KVTWIST_PURE=1"
+
+
+# runChunk on its own
+
+
+def run(data: bytes, start: int = 0, maxRequest: int = 4096, s: Any = None) -> tuple[bytes, int, list[int]]:
+    counts = [0] * len(S.REQUEST_KINDS)
+    replies, offset = (store() if s is None else s).runChunk(data, start, maxRequest, counts)
+    return replies, offset, counts
+
+
+def test_reply_texts_are_the_protocols() -> None:
+    s = store()
+    replies, _, _ = run(b"put 1 2\nput 1 3\nget 1\nget 2\ndel 2\n", s=s)
+    assert replies == P.OK + P.EXISTS + b"2\n" + P.NOT_FOUND + P.NOT_FOUND
+
+
+def test_counts_are_added_per_outcome() -> None:
+    s = store()
+    counts = [1] * len(S.REQUEST_KINDS)
+    s.runChunk(b"put 1 1\nput 2 2\nput 1 1\nget 1\nget 3\nget 3\ndel 1\ndel 1\ndel 1\n", 0, 4096, counts)
+    expected = [1] * len(S.REQUEST_KINDS)
+    for index, n in ((S.PUT_OK, 2), (S.PUT_EXISTS, 1), (S.GET_FOUND, 1), (S.GET_NOT_FOUND, 2),
+                     (S.DEL_OK, 1), (S.DEL_NOT_FOUND, 2)):
+        expected[index] += n
+    assert counts == expected
+
+
+def test_canonical_values_and_signs() -> None:
+    s = store()
+    replies, _, _ = run(b"put 007 -0005\nget 7\nput -0 0\nget 0\nget -000\nput -999999999999999999 999999999999999999\n"
+                        b"get -999999999999999999\n", s=s)
+    assert replies == b"OK\n-5\nOK\n0\n0\nOK\n999999999999999999\n"
+
+
+@pytest.mark.parametrize("line", [
+    b"PUT 1 2", b"Get 1", b"get 1\r", b"get  1", b" get 1", b"get 1 ", b"get\t1", b"get 1\x0b", b"get 1\x0c",
+    b"get 1\0", b"get +1", b"get 1234567890123456789", b"get -1234567890123456789", b"get 1x", b"get -", b"get ",
+    b"get", b"put 1", b"put 1 2 3", b"del 1 2", b"get 1 2", b"bye", b"Bye", b"auth x", b"set 1 2", b" ", b"\t",
+    b"get 0x1", b"get 1_0", b"put 1 ", b"put  1 2", b"geta 1", "get \u0661".encode(), b"put 1\t2", b"put 1x2",
+    b"put 1-2", b"put 1\r2", b"get\x001", b"del-1", b"put 1 2x", b"put 1 --2",
+])
+def test_stops_at_a_line_that_is_not_common(line: bytes) -> None:
+    replies, offset, counts = run(b"get 5\n" + line + b"\nget 5\n")
+    assert (replies, offset) == (P.NOT_FOUND, 6)
+    assert counts[S.GET_NOT_FOUND] == 1 and sum(counts) == 1
+
+
+def test_leaves_a_partial_last_line() -> None:
+    assert run(b"get 1\nget 2") == (P.NOT_FOUND, 6, run(b"get 1\n")[2])
+    assert run(b"get 1")[:2] == (b"", 0)
+    assert run(b"")[:2] == (b"", 0)
+
+
+def test_empty_lines_get_no_reply() -> None:
+    assert run(b"\n\nget 1\n\n")[:2] == (P.NOT_FOUND, 9)
+
+
+def test_starts_at_the_offset_given() -> None:
+    data = b"Bye\nget 1\n"
+    assert run(data, 4)[:2] == (P.NOT_FOUND, 10)
+    assert run(data, 10)[:2] == (b"", 10)
+    for bad in (-1, 11):
+        with pytest.raises(ValueError):
+            run(data, bad)
+
+
+def test_refuses_arguments_it_cannot_use() -> None:
+    s = store()
+    with pytest.raises(ValueError):
+        s.runChunk(b"put 1 1\n", 0, 4096, [0] * S.DEL_NOT_FOUND)
+    with pytest.raises(TypeError):
+        s.runChunk(None, 0, 4096, [0] * len(S.REQUEST_KINDS))
+    with pytest.raises(TypeError):
+        s.runChunk(b"put 1 1\n", 0, 4096, None)
+    assert len(s) == 0
+
+
+def test_chunks_bigger_than_the_kept_buffer() -> None:
+    s = store()
+    data = b"get -999999999999999999\n" * 10_000 + b"put 1 1\n"
+    assert run(data, s=s)[:2] == (P.NOT_FOUND * 10_000 + P.OK, len(data))
+    assert run(b"get 1\n", s=s)[:2] == (b"1\n", 6)
+
+
+def test_request_length_limit() -> None:
+    # "put 1 10" is 8 bytes: run at a limit of 8, left to the Python path at 7.
+    assert run(b"put 1 10\n", maxRequest=8)[:2] == (P.OK, 9)
+    assert run(b"put 1 10\n", maxRequest=7)[:2] == (b"", 0)
+
+
+def test_a_full_store_leaves_new_keys_to_the_python_path() -> None:
+    s = store(maxKeys=2)
+    replies, offset, counts = run(b"put 1 1\nput 0 0\nput 1 2\nget 1\nput 3 3\nget 3\n", s=s)
+    assert replies == P.OK + P.OK + P.EXISTS + b"1\n"
+    assert offset == 30 and len(s) == 2
+    assert run(b"put 0 1\ndel 0\nput 0 1\nput 5 5\n", s=s)[:2] == (P.EXISTS + P.OK + P.OK, 22)
+
+
+# runChunk with the Python path for what it leaves, against the reference
+
+COMMON = [b"put %s %s", b"get %s", b"del %s"]
+
+
+@st.composite
+def numbers(draw: st.DrawFn) -> bytes:
+    """Mostly common numbers (with leading zeros), some only the Python path takes."""
+    n = draw(st.integers(-12, 12) | int64)
+    kind = draw(st.sampled_from(["plain"] * 6 + ["zeros", "plus", "long", "huge", "bad"]))
+    text = b"%d" % n
+    if kind == "zeros":
+        sign, digits = (b"-", text[1:]) if n < 0 else (b"", text)
+        text = sign + b"0" * draw(st.integers(1, 20)) + digits
+    elif kind == "plus" and n >= 0:
+        text = b"+" + text
+    elif kind == "long":
+        text = draw(st.sampled_from([b"1234567890123456789", b"-0000000000000000001", b"9223372036854775807",
+                                     b"-9223372036854775808", b"999999999999999999", b"-999999999999999999"]))
+    elif kind == "huge":
+        text = draw(st.sampled_from([b"9223372036854775808", b"-9223372036854775809", b"1" * 30]))
+    elif kind == "bad":
+        text = draw(st.sampled_from([b"", b"-", b"+", b"1x", b"0x10", b"1_0", b"--1", b"1.0", "\u0661".encode()]))
+    return text
+
+
+@st.composite
+def lines(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["common"] * 12 + ["verb", "spacing", "cr", "odd", "replace", "other", "blank"]))
+    template = draw(st.sampled_from(COMMON))
+    line = template % tuple(draw(numbers()) for _ in range(template.count(b"%s")))
+    if kind == "verb":
+        line = draw(st.sampled_from([b"PUT", b"Get", b"DEL", b"gEt"])) + line[3:]
+    elif kind == "spacing":
+        i = draw(st.integers(0, len(line)))
+        line = line[:i] + draw(st.sampled_from([b" ", b"\t", b"  "])) + line[i:]
+    elif kind == "cr":
+        line += b"\r"
+    elif kind == "odd":
+        i = draw(st.integers(0, len(line)))
+        line = line[:i] + draw(st.sampled_from([b"\r", b"\0", b"\x0b", b"\x0c"])) + line[i:]
+    elif kind == "replace":
+        i = draw(st.integers(0, len(line) - 1))
+        line = line[:i] + draw(st.sampled_from([b"\t", b"\r", b"\0", b"x", b"-", b"+", b"0", b" "])) + line[i + 1 :]
+    elif kind == "other":
+        line = draw(st.sampled_from([b"set 1 2", b"get", b"put 1", b"del 1 2", b"auth pw", b"x" * 40, b"Bye"]))
+    elif kind == "blank":
+        line = draw(st.sampled_from([b"", b"", b" ", b"\t \t"]))
+    return line
+
+
+class Side:
+    """One server connection through StringTransport, over a given store."""
+
+    def __init__(self, s: Any, maxRequest: int) -> None:
+        self.store = s
+        self.factory = KVFactory(s, maxRequest=maxRequest, reactor=Clock())
+        proto = self.factory.buildProtocol(None)
+        assert isinstance(proto, KVProtocol)
+        self.proto = proto
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+
+def runCompiled(side: Side, chunk: bytes) -> None:
+    """
+    What the protocol does with a CompiledStore: runChunk for the common
+    lines, the Python path for each line it leaves, then runChunk again.
+    """
+    s = side.store
+    counts = side.factory.stats.requests
+    data = chunk.replace(b"\0", b"\n")
+    end = data.rfind(b"\n") + 1
+    offset = 0
+    while not side.transport.disconnecting:
+        replies, offset = s.runChunk(data, offset, side.factory.maxRequest, counts)
+        side.transport.write(replies)
+        if offset == end:
+            break
+        nl = data.index(b"\n", offset)
+        side.proto.dataReceived(data[offset : nl + 1])
+        offset = nl + 1
+    if not side.transport.disconnecting and end < len(data):
+        side.proto.dataReceived(data[end:])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    chunks=st.lists(st.lists(lines(), max_size=40).map(b"\n".join), min_size=1, max_size=4),
+    partial=st.booleans(),
+    maxRequest=st.sampled_from([4096, 4096, 12, 20]),
+    maxKeys=st.sampled_from([None, None, 3, 10]),
+    preload=st.lists(st.tuples(st.integers(-12, 12), int64), max_size=8),
+)
+def test_chunks_match_the_pure_path(
+    chunks: list[bytes], partial: bool, maxRequest: int, maxKeys: int | None, preload: list[tuple[int, int]]
+) -> None:
+    assert CompiledStore is not None
+    reference = MemoryStore(maxKeys=maxKeys)
+    for k, v in preload[: maxKeys or len(preload)]:
+        reference.put(k, v, Batch())
+    compiledSide = Side(CompiledStore(reference.items(), maxKeys=maxKeys), maxRequest)
+    pureSide = Side(reference, maxRequest)
+    for i, chunk in enumerate(chunks):
+        # Every chunk but the last ends its last line; that one may not.
+        data = chunk if partial and i == len(chunks) - 1 else chunk + b"\n"
+        pureSide.proto.dataReceived(data)
+        runCompiled(compiledSide, data)
+    assert compiledSide.transport.value() == pureSide.transport.value()
+    assert compiledSide.factory.stats.requests == pureSide.factory.stats.requests
+    assert sorted(compiledSide.store.items()) == sorted(reference.items())
+    assert len(compiledSide.store) == len(reference)
