@@ -221,6 +221,22 @@ def test_verdicts_say_how_many_rounds_met_the_target() -> None:
     assert text == "- kvtwist, s: rps >= 1x Redis: measured 0.52x, NOT met in any of 5 rounds"
 
 
+def test_a_floor_target_is_judged_against_the_floor_on_the_same_interpreter() -> None:
+    servers = ("kvtwist", "kvtwist-pypy", "twisted-floor", "twisted-floor-pypy", "redis")
+    targets = (Target("rps", ">=", 0.95, plan.FLOOR, ("kvtwist",)), Target("rps", ">=", 1.0, only=("kvtwist-pypy",)))
+    scenarios = [Scenario("s", "title", Load(), servers, targets=targets)]
+    rates = {"kvtwist": 96, "twisted-floor": 100, "kvtwist-pypy": 110, "twisted-floor-pypy": 200, "redis": 120}
+    measurements = [_m(server, r, rate + r, 1) for r in range(3) for server, rate in rates.items()]
+    rows = summarize(scenarios, measurements)
+    # The floor itself is shown against the scenario's Redis.
+    assert next(r for r in rows if r.server == "twisted-floor").against == "redis"
+    text = formatVerdicts(verdicts(scenarios, rows))
+    assert text.splitlines() == [
+        "- kvtwist, s: rps >= 0.95x twisted-floor: measured 0.96x, met in all 3 rounds",
+        "- kvtwist-pypy, s: rps >= 1x Redis: measured 0.92x, NOT met in any of 3 rounds",
+    ]
+
+
 def test_the_quick_plan_judges_no_target() -> None:
     assert all(not s.targets for s in plan.quickPlan(durable=True, trees=True))
     assert any(s.targets for s in plan.fullPlan())

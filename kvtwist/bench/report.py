@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtwist.bench.plan import AGAINST_MEMORY, AGAINST_PLAIN, AGAINST_TREE, Scenario, Target
+from kvtwist.bench.plan import AGAINST_MEMORY, AGAINST_PLAIN, AGAINST_TREE, FLOOR, Scenario, Target
 from kvtwist.bench.runner import Measurement
 from kvtwist.bench.servers import (
-    REDIS_COUNTERPART, baselineKind, inMemoryKind, installedSource, runsBaselineTree, treeSource, withoutMetricsKind,
+    FLOOR_OF, REDIS_COUNTERPART, baselineKind, inMemoryKind, installedSource, runsBaselineTree, treeSource, withoutMetricsKind,
 )
 from kvtwist.bench.stats import median, pairedRatios
 
@@ -46,6 +46,9 @@ class Row:
     # The ratio of each round, whose median ``ratios`` holds: verdicts need to
     # know whether the rounds agree.
     roundRatios: dict[str, list[float]] = field(default_factory=dict)
+    # The same against the floor on this server's interpreter, when a target needs it.
+    floor: str = ""
+    floorRatios: dict[str, list[float]] = field(default_factory=dict)
 
 
 MET, NOT_MET, UNCERTAIN = "met", "NOT met", "uncertain"
@@ -89,6 +92,9 @@ def againstOf(scenario: Scenario, server: str) -> str:
     if scenario.against == AGAINST_MEMORY:
         memory = inMemoryKind(server)
         return "" if memory == server else memory
+    if server in FLOOR_OF.values():
+        # The floor is shown beside the Redis of its scenario.
+        return next((kind for kind in scenario.servers if kind.startswith("redis")), "")
     return REDIS_COUNTERPART.get(server, "")
 
 
@@ -120,8 +126,13 @@ def summarize(plan: Sequence[Scenario], measurements: Sequence[Measurement]) -> 
                 roundRatios = {name: pairedRatios(*_series(name, f, mine, base)) for name, f in METRICS.items()}
             ratios = {name: median(values) for name, values in roundRatios.items()}
             medians = {name: median(_series(name, f, mine, mine)[0]) for name, f in METRICS.items()}
-            rows.append(Row(scenario.key, scenario.title, server, len(mine), medians, ratios,
-                            against if ratios else "", roundRatios))
+            row = Row(scenario.key, scenario.title, server, len(mine), medians, ratios,
+                      against if ratios else "", roundRatios)
+            floor = _byRound(measurements, scenario.key, FLOOR_OF.get(server, ""))
+            if any(t.baseline == FLOOR for t in scenario.targets) and floor and len(floor) == len(mine):
+                row.floor = FLOOR_OF[server]
+                row.floorRatios = {name: pairedRatios(*_series(name, f, mine, floor)) for name, f in METRICS.items()}
+            rows.append(row)
     return rows
 
 
@@ -133,9 +144,17 @@ def verdicts(plan: Sequence[Scenario], rows: Sequence[Row]) -> list[Verdict]:
         if not row.ratios or not row.server.startswith("kvtwist"):
             continue
         for target in targets.get(row.scenario, ()):
-            outcome, metIn = judge(target, row.roundRatios[target.metric])
-            out.append(Verdict(row.scenario, row.server, target.describe(_againstName(row.against)),
-                               row.ratios[target.metric], outcome, metIn, len(row.roundRatios[target.metric])))
+            if not target.appliesTo(row.server):
+                continue
+            if target.baseline == FLOOR:
+                if not row.floorRatios:
+                    continue
+                roundRatios, against = row.floorRatios[target.metric], row.floor
+            else:
+                roundRatios, against = row.roundRatios[target.metric], _againstName(row.against)
+            outcome, metIn = judge(target, roundRatios)
+            out.append(Verdict(row.scenario, row.server, target.describe(against),
+                               median(roundRatios), outcome, metIn, len(roundRatios)))
     return out
 
 

@@ -368,9 +368,15 @@ REDIS_COUNTERPART = {
     "kvtwist-pypy": "redis",
     "kvtwist-always": "redis-always",
     "kvtwist-pypy-always": "redis-always",
-    # The floor is shown beside the target it bounds.
-    "twisted-floor": "redis-always",
-    "twisted-floor-pypy": "redis-always",
+}
+
+
+# The floor server on each kvtwist kind's interpreter.
+FLOOR_OF = {
+    "kvtwist": "twisted-floor",
+    "kvtwist-always": "twisted-floor",
+    "kvtwist-pypy": "twisted-floor-pypy",
+    "kvtwist-pypy-always": "twisted-floor-pypy",
 }
 
 
