@@ -50,11 +50,11 @@ class HeldSyncs:
     def finish_one(self, index: int = 0) -> None:
         fn, d = self.held.pop(index)
         try:
-            fn()
+            result = fn()
         except Exception:
             d.errback()
         else:
-            d.callback(None)
+            d.callback(result)
 
 
 def run_compaction_until(clock: Clock, syncs: HeldSyncs, done, keep: int = 0) -> None:
@@ -307,7 +307,12 @@ def test_always_never_sends_a_reply_whose_fsync_failed(tmp_path, monkeypatch) ->
         b"Key not found\nError: store is read-only (journal fsync failed: Input/output error)\n"
     )
     syncs.error = None
+    late, lateTransport = connect(factory)
+    late.dataReceived(b"get 1\n")
+    assert lateTransport.value() == b"" and lateTransport.disconnecting, "nor is a read of the unsynced value"
+    clock.advance(0)
     stop(durable, clock)
+    assert durable.store.durable == 0, "no later fsync of that journal counts"
 
 
 # --fsync everysec and no
@@ -405,65 +410,120 @@ def test_stop_during_compaction_waits_for_its_fsync_and_leaves_no_temporary(tmp_
     assert recoveredState(tmp_path) == expected
 
 
-def test_always_pipelines_fsyncs_in_the_background(tmp_path) -> None:
-    """Writes made while one fsync runs wait for the next; each batch leaves once covered."""
+def test_always_fsyncs_once_per_reactor_turn_in_the_reactor(tmp_path, monkeypatch) -> None:
+    """One fsync at the end of each turn with writes covers every connection's; none goes to a thread."""
     syncs = HeldSyncs()
     durable, factory, clock = serve(tmp_path, "always", syncs)
+    durable.store.policy.slowFsync = float("inf")  # the disk is fast, however long this one takes
+    fsyncs = SyncCounter(monkeypatch)
+    connections = [connect(factory) for _ in range(3)]
+    for i, (proto, _) in enumerate(connections):
+        proto.dataReceived(b"put %d %d\n" % (i, i))
+    assert all(t.value() == b"" for _, t in connections) and fsyncs.calls == 0
+    clock.advance(0)
+    assert fsyncs.calls == 1 and not syncs.held, "one fsync, in line"
+    assert all(t.value() == b"OK\n" for _, t in connections)
+    first, firstTransport = connections[0]
+    first.dataReceived(b"put 9 9\n")
+    first.dataReceived(b"get 1\n")
+    clock.advance(0)
+    assert fsyncs.calls == 2 and firstTransport.value() == b"OK\nOK\n1\n"
+    assert durable.store.policy.fsyncDurations.count == 2
+    stop(durable, clock)
+    assert recoveredState(tmp_path) == {0: 0, 1: 1, 2: 2, 9: 9}
+
+
+def test_always_fsyncs_in_a_thread_while_the_disk_is_slow(tmp_path) -> None:
+    """Writes made while one fsync runs wait for the next; reads of durable keys go on; back in line once fast."""
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    policy = durable.store.policy
+    policy.slowFsync = 0.0  # every fsync counts as slow
     first, firstTransport = connect(factory)
     second, secondTransport = connect(factory)
+    reader, readerTransport = connect(factory)
     first.dataReceived(b"put 1 1\n")
     clock.advance(0)
-    assert len(syncs.held) == 1
+    assert len(syncs.held) == 1, "handed to a thread"
     second.dataReceived(b"put 2 2\n")
     first.dataReceived(b"get 2\n")
+    reader.dataReceived(b"get 3\n")
+    assert readerTransport.value() == b"Key not found\n", "the reactor serves on"
     clock.advance(0)
     assert len(syncs.held) == 1, "one fsync at a time"
     syncs.finish_one()
     assert firstTransport.value() == b"OK\n" and secondTransport.value() == b""
     assert len(syncs.held) == 1, "the next fsync started at once"
+    policy.slowFsync = float("inf")  # the disk is fast again
     syncs.finish_one()
     assert firstTransport.value() == b"OK\n2\n" and secondTransport.value() == b"OK\n"
+    second.dataReceived(b"put 4 4\n")
+    clock.advance(0)
+    assert not syncs.held and secondTransport.value() == b"OK\nOK\n", "back in line"
+    stop(durable, clock)
+    assert recoveredState(tmp_path) == {1: 1, 2: 2, 4: 4}
+
+
+def test_the_disk_s_time_decides_where_the_next_fsync_runs(tmp_path, monkeypatch) -> None:
+    """The time measured around the fsync itself, in whichever thread ran it."""
+    import time
+
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    policy = durable.store.policy
+    policy.slowFsync = 0.05
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", lambda fd: time.sleep(0.06))
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    clock.advance(0)
+    assert transport.value() == b"OK\n" and not syncs.held, "the first one runs in line"
+    proto.dataReceived(b"put 2 2\n")
+    clock.advance(0)
+    assert len(syncs.held) == 1, "that one was slow: the next one runs in a thread"
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", lambda fd: None)
+    syncs.finish_one()
+    assert transport.value() == b"OK\nOK\n"
+    proto.dataReceived(b"put 3 3\n")
+    clock.advance(0)
+    assert not syncs.held and transport.value() == b"OK\nOK\nOK\n", "fast again: back in line"
     stop(durable, clock)
 
 
-def test_compaction_switches_journals_under_a_running_fsync(tmp_path) -> None:
-    """The old journal is closed only once the fsync running on it returns."""
+def test_always_does_not_fsync_a_turn_that_wrote_nothing(tmp_path, monkeypatch) -> None:
+    durable, factory, clock = serve(tmp_path, "always")
+    durable.store.put(1, 10, Batch())
+    durable.store.sync()
+    fsyncs = SyncCounter(monkeypatch)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"get 1\nput 1 11\ndel 2\n")
+    assert transport.value() == b"10\nKey already exists\nKey not found\n"
+    assert not clock.getDelayedCalls(), "nothing scheduled"
+    clock.advance(0)
+    assert fsyncs.calls == 0
+    stop(durable, clock)
+
+
+def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path, monkeypatch) -> None:
+    """The compaction's switch fsyncs a write waiting for the end of the turn: its reply leaves, without a second fsync."""
     syncs = HeldSyncs()
     durable, factory, clock = serve(tmp_path, "always", syncs)
     journaled = durable.store
-    target = Recorder()
-    deliverAfter(journaled, target, b"OK\n", (1, 1))
+    journaled.compactor.start()
     clock.advance(0)
-    assert len(syncs.held) == 1
-    durable.store.compactor.start()
-    run_compaction_until(clock, syncs, lambda: journaled.generation == 2, keep=1)
+    syncs.finish_one()  # creates journal 2
+    clock.advance(0)
+    assert len(syncs.held) == 1, "the compaction's fsync of journal 1 is under way"
     syncs.finish_one()
-    assert journaled.readOnlyReason is None and not journaled.unsynced
-    assert target.sent == [b"OK\n"]
-    run_compaction_until(clock, syncs, lambda: not durable.store.compactor.running)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    assert transport.value() == b""
+    fsyncs = SyncCounter(monkeypatch)
+    clock.advance(0)  # the compaction switches journals (fsyncing journal 1), then the turn ends
+    assert journaled.generation == 2 and transport.value() == b"OK\n"
+    assert fsyncs.calls == 1, "the switch's fsync covered the write"
+    run_compaction_until(clock, syncs, lambda: not journaled.compactor.running)
     stop(durable, clock)
     assert recoveredState(tmp_path) == {1: 1}
-
-
-def test_always_replies_when_a_compaction_synced_the_journal_first(tmp_path) -> None:
-    """A compaction's own fsync covers a waiting write: its reply must still leave."""
-    from kvtwist.storage.journal import HEADER_SIZE, RECORD_SIZE
-
-    syncs = HeldSyncs()
-    durable, factory, clock = serve(tmp_path, "always", syncs, compactMinBytes=HEADER_SIZE + 2 * RECORD_SIZE)
-    first, firstTransport = connect(factory)
-    second, secondTransport = connect(factory)
-    first.dataReceived(b"put 1 1\n")
-    clock.advance(0)
-    assert len(syncs.held) == 1
-    second.dataReceived(b"put 2 2\n")
-    run_compaction_until(clock, syncs, lambda: durable.store.generation == 2, keep=1)
-    assert not durable.store.unsynced
-    syncs.finish_one()
-    assert firstTransport.value() == secondTransport.value() == b"OK\n"
-    run_compaction_until(clock, syncs, lambda: not durable.store.compactor.running)
-    stop(durable, clock)
-    assert recoveredState(tmp_path) == {1: 1, 2: 2}
 
 
 def test_what_was_written_before_a_failed_append_is_synced_at_stop(tmp_path, monkeypatch) -> None:
@@ -515,8 +575,8 @@ def failTheCompactionFsync(durable: DurableService, clock: Clock, syncs: HeldSyn
 
 def retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, fsync: str, policyFsyncAfter: float):
     """
-    A put, then the policy's fsync of it starts (after ``policyFsyncAfter``
-    seconds) and is held; meanwhile the compaction's fsync of the same
+    A put, then the policy's fsync of it starts in a thread (after
+    ``policyFsyncAfter`` seconds: ``everysec``) and is held; meanwhile the compaction's fsync of the same
     journal fails; then the policy's fsync runs, and the kernel says success.
     """
     syncs = HeldSyncs()
@@ -532,8 +592,25 @@ def retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, fsync: str, policyFs
 
 
 def test_always_never_acknowledges_a_write_that_only_a_retried_fsync_covered(tmp_path, monkeypatch) -> None:
-    """That success proves nothing: the put must not get OK."""
-    durable, factory, clock, syncs, transport = retryAfterAFailedCompactionFsync(tmp_path, monkeypatch, "always", 0)
+    """
+    A put waits for the end of its turn while the compaction's fsync of the
+    same journal fails; the turn's fsync then runs and the kernel says
+    success.  That success proves nothing: the put must not get OK.
+    """
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    durable.store.compactor.start()
+    clock.advance(0)
+    syncs.finish_one()  # creates the new journal (its fsyncs succeed)
+    clock.advance(0)
+    assert len(syncs.held) == 1, "the compaction's fsync of the current journal is under way"
+    proto, transport = connect(factory)
+    proto.dataReceived(b"put 1 1\n")
+    FailingSyncs(monkeypatch, 1)
+    syncs.finish_one()  # the compaction's fsync: EIO
+    monkeypatch.undo()  # fsyncs succeed again from here on
+    clock.advance(0)  # the turn's fsync of the same file
+    assert not durable.store.compactor.running
     assert b"OK" not in transport.value()
     assert transport.disconnected, "the connection is dropped without its reply"
     assert durable.store.durable == 0

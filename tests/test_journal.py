@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -194,7 +193,7 @@ def test_reading_a_file_in_pieces_finds_what_replaying_its_bytes_does(ops, end, 
     )
 
 
-def test_reading_a_journal_holds_only_a_piece_of_it_in_memory(tmp_path) -> None:
+def test_reading_a_journal_holds_only_a_piece_of_it_in_memory(tmp_path, tracemalloc) -> None:
     path = tmp_path / "j"
     path.write_bytes(encode([("put", k, k) for k in range(100_000)]))  # 2.1 MB
     tracemalloc.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,7 @@ def test_the_map_is_sized_for_the_snapshot_up_front(tmp_path, monkeypatch) -> No
 
 
 @pytest.mark.parametrize("withSnapshot", [False, True], ids=["journal only", "snapshot + journal"])
-def test_recovery_holds_little_beside_the_map(tmp_path, withSnapshot) -> None:
+def test_recovery_holds_little_beside_the_map(tmp_path, withSnapshot, tracemalloc) -> None:
     """The peak while recovering stays close to what the map keeps afterwards: no copy, no whole file."""
     keys = 100_000
     if withSnapshot:

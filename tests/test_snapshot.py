@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tracemalloc
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -86,7 +86,7 @@ def test_the_trailer_says_how_many_entries_to_make_room_for(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("load", [False, True], ids=["check only", "load"])
-def test_reading_a_snapshot_holds_only_a_piece_of_it_in_memory(tmp_path, load) -> None:
+def test_reading_a_snapshot_holds_only_a_piece_of_it_in_memory(tmp_path, load, tracemalloc: ModuleType) -> None:
     """Even of one block of 1 MB: it is checked, then loaded, a piece at a time."""
     path = tmp_path / "s"
     path.write_bytes(snapshot.encodeSnapshot(1, ((k, -k) for k in range(snapshot.MAX_BLOCK))))

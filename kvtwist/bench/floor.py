@@ -19,11 +19,12 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, endpoints, task
-from twisted.internet.protocol import Factory
 
 # All the floor takes from kvtwist: a connection's set-up, which reads only
 # the attributes of FloorFactory below, and its reply path, entered as
-# the store enters it (IReplyTarget.sendReplies); not the factory, nor a store.
+# the store enters it (IReplyTarget.sendReplies); not KVFactory (only the
+# base class that every supported Twisted accepts), nor a store.
+from kvtwist.server.factory import FactoryBase
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
@@ -41,8 +42,7 @@ class FloorProtocol(KVProtocol):
             self.sendReplies(Batch(OK * count))
 
 
-# Not Factory[Protocol]: Twisted 25.5, the newest with TLS on PyPy 3.9, cannot subscript it.
-class FloorFactory(Factory):
+class FloorFactory(FactoryBase):
     """What ``KVProtocol`` reads from its factory when a connection opens and closes, and no more."""
 
     protocol = FloorProtocol

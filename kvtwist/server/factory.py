@@ -4,7 +4,7 @@ The factory every connection shares: the store, and the limits on requests and c
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -36,7 +36,14 @@ class _Refusal(Protocol):
             self._abort.cancel()
 
 
-class KVFactory(Factory[Protocol]):
+if TYPE_CHECKING:
+    FactoryBase = Factory[Protocol]
+else:
+    # Twisted 25.5, the newest with TLS on PyPy 3.9, cannot subscript Factory.
+    FactoryBase = Factory
+
+
+class KVFactory(FactoryBase):
     """
     Owns the one store that every connection shares, and the limits.
 

@@ -104,7 +104,7 @@ class KVCollector(Collector):
                 "kvtwist_journal_bytes", "Bytes of journal that recovery would replay now.", value=durable.journalBytes
             )
             yield _histogram(
-                "kvtwist_fsync_duration_seconds", "Background fsyncs of the journal, from start to end.",
+                "kvtwist_fsync_duration_seconds", "fsyncs of the journal (in the reactor or a thread), from start to end.",
                 durable.policy.fsyncDurations,
             )
             yield CounterMetricFamily("kvtwist_compactions", "Compactions finished.", value=durable.compactor.completed)

@@ -57,10 +57,15 @@ class DurableStore(JournaledStore):
         blocking = runBlocking or _inThreadPool(reactor)
         self.policy = POLICIES[fsync](self, reactor, blocking)
         self.compactor = Compactor(self, reactor, blocking, crashpoint, compactMinBytes)
+        # The journals grow only by appends: the size is looked at again
+        # only once something was appended since the last look.
+        self._sizeCheckedAt = -1
 
     def deliver(self, target: IReplyTarget, batch: Batch) -> None:
         self.policy.deliver(target, batch)
-        self.compactor.startIfDue()
+        if self.appended != self._sizeCheckedAt:
+            self._sizeCheckedAt = self.appended
+            self.compactor.startIfDue()
 
     def readOnlyStarted(self, reason: str) -> None:
         _log.critical("kvstore: THE STORE IS NOW READ-ONLY: {reason}. {help}", reason=reason, help=READ_ONLY_HELP)

@@ -3,8 +3,11 @@
 - ``always``: group commit.  A reply batch that depends on an unsynced
   record (its own write, or one whose value it read) waits for it, behind
   its connection's earlier batches; the first such batch of a reactor turn
-  schedules one fsync (in a thread) for every connection's writes.
-- ``everysec``: a timer fsyncs once a second; replies leave at once.
+  schedules one fsync at the end of the turn for every connection's
+  writes: in the reactor while the disk is fast, in a thread while it is
+  slow.
+- ``everysec``: a timer fsyncs once a second, in a thread (nothing waits
+  for it, so the reactor need not); replies leave at once.
 - ``no``: the operating system decides; replies leave at once.
 
 Whatever the policy, a failed fsync turns the store read-only, and from
@@ -45,6 +48,8 @@ class FsyncPolicy:
         self._idleWaiters: list[defer.Deferred[None]] = []
         self.failed = False
         self.fsyncDurations = Histogram(FSYNC_BUCKETS)
+        # How long the disk took for the last fsync of ours, wherever it ran.
+        self.lastFsyncSeconds = 0.0
 
     def deliver(self, target: IReplyTarget, batch: Batch) -> None:
         target.sendReplies(batch)
@@ -57,7 +62,7 @@ class FsyncPolicy:
         return self.whenIdle()
 
     def whenIdle(self) -> defer.Deferred[None]:
-        """Fire when no background fsync is under way (so that the last one can run in line)."""
+        """Fire when no background fsync is under way."""
         if self._inflight is None:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
@@ -66,18 +71,27 @@ class FsyncPolicy:
 
     def _syncInBackground(self) -> None:
         """Start fsyncing, off the reactor, everything appended so far."""
-        self._startSync(self._runBlocking)
-
-    def _startSync(self, run: RunBlocking) -> None:
         # The count and the writer are taken together: every record up to
         # the count is in this writer's file or in one synced before it.
-        target = self.store.appended
-        self._inflight = run(self.store.writer.sync)
+        target, writer = self.store.appended, self.store.writer
+        self._inflight = self._runBlocking(lambda: _timed(writer.sync))
         self._inflight.addBoth(self._syncEnded, target, time.perf_counter())
+
+    def _syncNow(self) -> None:
+        """Fsync everything appended so far, in the reactor thread, and act on the result."""
+        target, started = self.store.appended, time.perf_counter()
+        result: object
+        try:
+            result = _timed(self.store.writer.sync)
+        except Exception:
+            result = Failure()
+        self._syncEnded(result, target, started)
 
     def _syncEnded(self, result: object, target: int, started: float) -> None:
         self._inflight = None
         self.fsyncDurations.observe(time.perf_counter() - started)
+        if isinstance(result, float):
+            self.lastFsyncSeconds = result
         failed = isinstance(result, Failure)
         if isinstance(result, Failure):
             self.failed = True
@@ -99,6 +113,13 @@ class FsyncPolicy:
 
     def _syncFailed(self) -> None:
         pass
+
+
+def _timed(sync: Callable[[], None]) -> float:
+    """Run ``sync``; return how long it took, measured in the thread that ran it."""
+    started = time.perf_counter()
+    sync()
+    return time.perf_counter() - started
 
 
 class NoSync(FsyncPolicy):
@@ -130,15 +151,28 @@ class EverySecond(FsyncPolicy):
 
 
 class Always(FsyncPolicy):
-    """``--fsync always``: group commit.
+    """``--fsync always``: group commit, one fsync per reactor turn.
 
     Each batch says, in ``waitFor``, the newest record its replies depend
     on, and leaves once an fsync has covered that record.  Batches that
     depend on nothing unsynced leave at once.  The batches of one
-    connection always leave in the order they were delivered.  While one
-    fsync runs (in a thread), the reactor goes on serving; the next fsync
-    covers all that was written meanwhile.
+    connection always leave in the order they were delivered.
+
+    The first batch of a reactor turn that must wait schedules one fsync
+    for the end of the turn (``callLater(0)``: after every connection's
+    reads of the turn, before the next poll), which covers every write of
+    the turn, as Redis's ``beforeSleep`` does.  While the disk is fast
+    (the last fsync took under ``slowFsync`` seconds) it runs in the
+    reactor thread: the reactor waits for the disk meanwhile, as Redis
+    does, and the connections that became readable then form the next
+    turn's group; a thread's hand-off and the interpreter lock going back
+    and forth cost more than that wait.  While the disk is slow it runs in
+    a thread, so that replies that wait for nothing (reads of durable
+    keys) keep flowing; writes made during it wait for the next one.
+    docs/durability.md has the measurements behind this.
     """
+
+    slowFsync = 0.001
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -161,34 +195,40 @@ class Always(FsyncPolicy):
             needs = before
         self._waiting.append((needs, target, batch))
         self._lastWaiting[target] = needs
-        # Wait for the end of this reactor turn, so that one fsync covers
-        # every connection's writes of the turn.
         if self._inflight is None and self._scheduled is None:
             self._scheduled = self.reactor.callLater(0, self._commit)
 
     def _commit(self) -> None:
-        """Start the next fsync, or, if another fsync (a compaction's) did the work, send."""
+        """Fsync what was written (see the class docstring for where), or send what a compaction's fsync covered."""
         self._scheduled = None
         if self._inflight is not None or self.failed:
             return
-        if self.store.unsynced:
-            self._syncInBackground()
-        else:
+        if not self.store.unsynced:
             self._release()
+        elif self.lastFsyncSeconds < self.slowFsync:
+            self._syncNow()
+        else:
+            self._syncInBackground()
 
     def _release(self) -> None:
         """Send the batches whose records are durable now, in order."""
         durable = self.store.durable
-        ready = [(target, batch) for needs, target, batch in self._waiting if needs <= durable]
-        if ready:
+        if durable >= self.store.appended:
+            ready = [(target, batch) for _, target, batch in self._waiting]
+            self._waiting = deque()
+            self._lastWaiting = {}
+        else:
+            ready = [(target, batch) for needs, target, batch in self._waiting if needs <= durable]
+            if not ready:
+                return
             self._waiting = deque(item for item in self._waiting if item[0] > durable)
             self._lastWaiting = {target: needs for needs, target, _ in self._waiting}
-            for target, batch in ready:
-                target.sendReplies(batch)
+        for target, batch in ready:
+            target.sendReplies(batch)
 
     def _synced(self) -> None:
         self._release()
-        # What was appended during that fsync has replies waiting: go on.
+        # Writes made during an fsync in a thread have replies waiting: go on.
         if self._waiting:
             self._commit()
 
@@ -207,14 +247,14 @@ class Always(FsyncPolicy):
         self._scheduled = None
         return self.whenIdle().addCallback(lambda _: self._flush())
 
-    def _flush(self) -> defer.Deferred[Any] | None:
-        """Sync in the reactor (the last one) and send what is still waiting."""
-        if not self.failed and self.store.unsynced:
-            self._startSync(defer.maybeDeferred)
-            return self.whenIdle()
-        if not self.failed:
+    def _flush(self) -> None:
+        """The last fsync, in the reactor, and the replies that waited for it."""
+        if self.failed:
+            return
+        if self.store.unsynced:
+            self._syncNow()
+        else:
             self._release()
-        return None
 
 
 POLICIES: dict[str, type[FsyncPolicy]] = {"always": Always, "everysec": EverySecond, "no": NoSync}

@@ -6,7 +6,7 @@ stays the source of truth for reads.  If the append fails, nothing is
 applied, and the store turns read-only.
 
 What this module does not decide: when records reach the disk and which
-replies wait for them (the fsync policies in ``kvtwist.storage.durability``),
+replies wait for them (the fsync policies in ``kvtwist.storage.fsync``),
 and when and how to compact (``kvtwist.storage.compaction``, which tells
 this store when to switch journals).  No Twisted imports.
 """
@@ -119,8 +119,12 @@ class JournaledStore:
         return True
 
     def get(self, key: int, batch: Batch) -> int | None:
-        if self._dirty:
-            self._dependOn(key, batch)
+        dirty = self._dirty
+        if dirty:
+            # _dependOn, in line: this is most of the requests.
+            number = dirty.get(key, 0)
+            if number > batch.waitFor:
+                batch.waitFor = number
         return self.memory.get(key, batch)
 
     def delete(self, key: int, batch: Batch) -> bool:
