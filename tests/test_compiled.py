@@ -216,9 +216,20 @@ def test_canonical_values_and_signs() -> None:
     assert replies == b"OK\n-5\nOK\n0\n0\nOK\n999999999999999999\n"
 
 
+def test_every_int64_takes_the_compiled_path() -> None:
+    s = store()
+    data = (b"put -9223372036854775808 9223372036854775807\nput 9223372036854775807 -9223372036854775808\n"
+            b"get -9223372036854775808\nget 9223372036854775807\nput 1234567890123456789 -1234567890123456789\n"
+            b"get 1234567890123456789\n")
+    replies, offset, _ = run(data, s=s)
+    assert offset == len(data)
+    assert replies == b"OK\nOK\n9223372036854775807\n-9223372036854775808\nOK\n-1234567890123456789\n"
+
+
 @pytest.mark.parametrize("line", [
     b"PUT 1 2", b"Get 1", b"get 1\r", b"get  1", b" get 1", b"get 1 ", b"get\t1", b"get 1\x0b", b"get 1\x0c",
-    b"get 1\0", b"get +1", b"get 1234567890123456789", b"get -1234567890123456789", b"get 1x", b"get -", b"get ",
+    b"get 1\0", b"get +1", b"get 9223372036854775808", b"get -9223372036854775809", b"get 12345678901234567890",
+    b"get 00000000000000000001", b"put 1 99999999999999999999", b"get 1x", b"get -", b"get ",
     b"get", b"put 1", b"put 1 2 3", b"del 1 2", b"get 1 2", b"bye", b"Bye", b"auth x", b"set 1 2", b" ", b"\t",
     b"get 0x1", b"get 1_0", b"put 1 ", b"put  1 2", b"geta 1", "get \u0661".encode(), b"put 1\t2", b"put 1x2",
     b"put 1-2", b"put 1\r2", b"get\x001", b"del-1", b"put 1 2x", b"put 1 --2",

@@ -153,7 +153,7 @@ def fullPlan(
         # must cost under 5% over the floor's on CPython; PyPy must match Redis.
         Scenario("c50", "50 conns, no pipelining", base, _WITH_FLOORS, rounds=rounds,
                  targets=(Target("rps", ">=", 0.95, FLOOR, ("kvtwist",)), Target("rps", ">=", 1.0, only=("kvtwist-pypy",)))),
-        Scenario("c50-d16", "50 conns, depth 16", replace(base, depth=16), rounds=rounds,
+        Scenario("c50-d16", "50 conns, depth 16", replace(base, depth=16), _WITH_FLOORS, rounds=rounds,
                  targets=(Target("rps", ">=", 1.3, only=("kvtwist",)), Target("cpu", "<=", 1.0, only=("kvtwist",)))),
         Scenario("idle10k", "10,000 conns, 50 active", replace(base, idle=9950), _WITH_FLOORS, rounds=rounds,
                  targets=(Target("rps", ">=", 0.95, FLOOR, ("kvtwist",)), Target("p99", "<=", 1.05, FLOOR, ("kvtwist",)),

@@ -64,8 +64,9 @@ cdef enum:
     # "get 1\n", is 6 bytes, and the longest reply 21
     # ("-999999999999999999\n"; "Key already exists\n" is 19).
     _REPLY_PER_BYTE = 4
-    # Digits that always fit an int64; longer numbers go to the Python path.
-    _MAX_DIGITS = 18
+    # Digits of the longest int64 (without leading zeros beyond these);
+    # longer numbers go to the Python path.
+    _MAX_DIGITS = 19
     # runChunk keeps its reply buffer between calls up to this size, which
     # a chunk of one 4 KiB read never needs; a bigger one is freed at once.
     _KEPT_REPLY_BYTES = 65536
@@ -122,12 +123,14 @@ cdef int _resizeTable(Table* table, uint64_t slots, uint64_t salt) noexcept nogi
 
 cdef inline const char* _parseInt(const char* p, const char* end, int64_t* out) noexcept nogil:
     """
-    Parse an optional '-' and 1 to 18 ASCII digits at ``p``; return the
-    first byte after them, or NULL when that is not a number of the common
-    form (the Python path judges it).
+    Parse an optional '-' and 1 to 19 ASCII digits at ``p`` that make a
+    signed 64-bit integer; return the first byte after them, or NULL when
+    that is not a number of the common form (the Python path judges it,
+    and refuses one out of range).
     """
     cdef bint negative = False
-    cdef int64_t value = 0
+    # 19 digits always fit 64 unsigned bits; the range is checked after.
+    cdef uint64_t magnitude = 0
     cdef const char* first
     if p < end and p[0] == c'-':
         negative = True
@@ -136,11 +139,19 @@ cdef inline const char* _parseInt(const char* p, const char* end, int64_t* out) 
     while p < end and c'0' <= p[0] <= c'9':
         if p - first == _MAX_DIGITS:
             return NULL
-        value = value * 10 + (p[0] - c'0')
+        magnitude = magnitude * 10 + <uint64_t>(p[0] - c'0')
         p += 1
     if p == first:
         return NULL
-    out[0] = -value if negative else value
+    if negative:
+        if magnitude > <uint64_t>9223372036854775808ULL:
+            return NULL
+        # Two's complement: the negation of 2**63 is INT64_MIN itself.
+        out[0] = <int64_t>(<uint64_t>0 - magnitude)
+    else:
+        if magnitude > <uint64_t>9223372036854775807ULL:
+            return NULL
+        out[0] = <int64_t>magnitude
     return p
 
 
@@ -418,8 +429,8 @@ cdef class CompiledStore:
         the complete lines, without consuming it.
 
         The common form is exactly ``put K V``, ``get K`` or ``del K``,
-        lower case, single spaces, each number an optional '-' and 1 to 18
-        ASCII digits, the line no longer than ``maxRequest`` bytes; and an
+        lower case, single spaces, each number an optional '-' and 1 to 19
+        ASCII digits within the signed 64-bit range, the line no longer than ``maxRequest`` bytes; and an
         empty line, which gets no reply, as in the protocol. A put of a new
         key into a full store is not common: the Python path refuses it.
 

@@ -308,6 +308,32 @@ class KVProtocol(Protocol, TimeoutMixin):
     # Parsing
 
     def dataReceived(self, data: bytes) -> None:
+        prefix = b""
+        compiledStore = self._compiled
+        if (
+            compiledStore is not None
+            and self._commands is _COMMANDS
+            and not self._pieces
+            and not self._closing
+            and self._pendingSince is None
+        ):
+            # The common case in memory: whole requests in the common form,
+            # run in C (kvtwist.compiled), and the replies written at once,
+            # as an in-memory store has nothing to wait for.
+            factory = self.factory
+            received = time.perf_counter() if factory.timing else 0.0
+            answered, done = compiledStore.runChunk(data, 0, factory.maxRequest, self._counts)
+            if done == len(data):
+                factory.stats.bytesIn += done
+                if answered:
+                    if self.timeOut is not None:
+                        self.resetTimeout()
+                    self._write(answered, received)
+                return
+            # The rest of the chunk (an unusual line, or an unfinished
+            # request) takes the ordinary path, after these replies.
+            factory.stats.bytesIn += done
+            prefix, data = answered, data[done:]
         if self._closing:
             return
         if self._awaiting:
@@ -324,7 +350,9 @@ class KVProtocol(Protocol, TimeoutMixin):
             if self._keepUnfinished(data):
                 self._counts[S.TOO_LONG] += 1
                 self._closeReason = "too_long"
-                self._finish(Batch(TOO_LONG))
+                self._finish(Batch(prefix + TOO_LONG))
+            elif prefix:
+                self._deliver(Batch(prefix))
             return
         if self._pieces:
             # Each byte is joined once, when its request's end comes.
@@ -340,7 +368,6 @@ class KVProtocol(Protocol, TimeoutMixin):
         batch = Batch()
         if factory.timing:
             batch.received = time.perf_counter()
-        compiledStore = self._compiled
         if compiledStore is not None and self._commands is _COMMANDS:
             replies, rest = self._runCompiled(compiledStore, buffered, batch)
         else:
@@ -348,6 +375,8 @@ class KVProtocol(Protocol, TimeoutMixin):
             rest = lines.pop()
             run = self._run if self._commands is not _LOCKED else self._runLocked
             replies = run(lines, _NEEDS_CARE.search(buffered) is not None, batch)
+        if prefix:
+            replies.insert(0, prefix)
         if rest and not self._closing and self._keepUnfinished(rest):
             replies.append(TOO_LONG)
             self._counts[S.TOO_LONG] += 1
@@ -637,16 +666,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         """
         if self._lost:
             return
-        replies = batch.replies
-        transport = self.transport
-        assert transport is not None, "not connected"
-        if batch.received:
-            self.factory.stats.latency.observe(time.perf_counter() - batch.received, replies.count(b"\n"))
-        if replies:
-            self.factory.stats.bytesOut += len(replies)
-            replies = sendNow(transport, replies)
-            if replies:
-                transport.write(replies)
+        self._write(batch.replies, batch.received)
         if batch.last:
             # Flow control is over: reading resumes (what comes in is
             # ignored), so that a TLS close can read the peer's close_notify,
@@ -654,11 +674,21 @@ class KVProtocol(Protocol, TimeoutMixin):
             # for it forever instead of closing.
             self._stream.resumeProducing()
             self._stream.unregisterProducer()
-            transport.loseConnection()
+            self._stream.loseConnection()
             # A client that never reads would hold the connection while
             # the last replies wait to be flushed (and a TLS peer that never
             # answers the close, for good): after a grace period, abort.
             self._abort = self.callLater(CLOSE_GRACE, self._stream.abortConnection)
+
+    def _write(self, replies: bytes, received: float) -> None:
+        """Send replies to requests read at ``received`` (0: not timed)."""
+        if received:
+            self.factory.stats.latency.observe(time.perf_counter() - received, replies.count(b"\n"))
+        if replies:
+            self.factory.stats.bytesOut += len(replies)
+            replies = sendNow(self.transport, replies)
+            if replies:
+                self._stream.write(replies)
 
     def abandonReplies(self) -> None:
         self._stream.abortConnection()
