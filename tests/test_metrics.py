@@ -80,6 +80,25 @@ def test_without_timing_no_latency_is_measured() -> None:
     assert scrape(factory).get_sample_value("kvtwist_request_latency_seconds_count") == 0
 
 
+def test_latency_is_timed_on_a_sample_of_chunks_scaled_to_every_request() -> None:
+    from kvtwist.server.protocol import TIME_EVERY
+
+    factory = KVFactory(MemoryStore(), reactor=Clock(), timing=True)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    chunks = 2 * TIME_EVERY + 1
+    for i in range(chunks):
+        proto.dataReceived(b"get %d\nput %d 1\n" % (i, i))
+    # The first chunk, then one in TIME_EVERY: three chunks of two requests.
+    assert factory.stats.latency.count == 3 * 2
+    registry = scrape(factory)
+    assert registry.get_sample_value("kvtwist_request_latency_seconds_count") == 2 * chunks
+    assert registry.get_sample_value("kvtwist_request_latency_seconds_bucket", {"le": "+Inf"}) == 2 * chunks
+    # The sum is scaled the same way as the counts.
+    scaled = registry.get_sample_value("kvtwist_request_latency_seconds_sum")
+    assert scaled == pytest.approx(factory.stats.latency.total * chunks / 3)
+
+
 def test_a_durable_store_exports_its_journal_fsyncs_and_health(tmp_path) -> None:
     from twisted.internet import defer
 

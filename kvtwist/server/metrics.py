@@ -29,12 +29,19 @@ from kvtwist.storage.durable import DurableStore
 from kvtwist.storage.interface import IRemoteStore
 
 
-def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
-    cumulative, buckets = 0, []
-    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts):
-        cumulative += count
+def _histogram(
+    name: str, documentation: str, histogram: Histogram, count: int | None = None
+) -> HistogramMetricFamily:
+    """
+    ``histogram`` as Prometheus shows one; with ``count``, the histogram
+    holds a sample, scaled so that its count is ``count`` exactly.
+    """
+    scale = count / histogram.count if count is not None and histogram.count else 1.0
+    cumulative, buckets = 0.0, []
+    for bound, observed in zip((*histogram.bounds, float("inf")), histogram.counts):
+        cumulative += observed * scale
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.total)
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.total * scale)
 
 
 class KVCollector(Collector):
@@ -53,9 +60,11 @@ class KVCollector(Collector):
         for (command, outcome), count in zip(REQUEST_KINDS, stats.requests):
             requests.add_metric([command, outcome], count)
         yield requests
+        # Timed on a sample of chunks (KVProtocol._timeThisChunk); each request is answered by one reply line.
         yield _histogram(
             "kvtwist_request_latency_seconds",
-            "From the read that completed a request to the write of its reply.", stats.latency,
+            "From the read that completed a request to the write of its reply (a sample, scaled to every request).",
+            stats.latency, sum(stats.requests),
         )
         yield GaugeMetricFamily("kvtwist_connections_open", "Client connections open now.", value=factory.connections)
         yield CounterMetricFamily("kvtwist_connections_accepted", "Client connections accepted.", value=stats.accepted)
