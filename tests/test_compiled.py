@@ -403,3 +403,34 @@ def test_chunks_match_the_pure_path(
     assert compiledSide.factory.stats.requests == pureSide.factory.stats.requests
     assert sorted(compiledSide.store.items()) == sorted(reference.items())
     assert len(compiledSide.store) == len(reference)
+
+
+# The remote engines' path
+
+
+def test_parse_chunk_takes_the_common_lines_as_operations() -> None:
+    from kvtwist.compiled import _chunk
+    from kvtwist.storage.interface import DELETE, GET, PUT, Operation
+
+    data = b"put 1 -2\n\nget 9223372036854775807\ndel -5\nGET 1\nget 2\n"
+    operations, offset = _chunk.parseChunk(data, 4096)
+    assert operations == [Operation(PUT, 1, -2), Operation(GET, 2**63 - 1), Operation(DELETE, -5)]
+    assert all(type(op) is Operation for op in operations)
+    assert offset == data.index(b"GET")
+    assert _chunk.parseChunk(b"get 1", 4096) == ([], 0)
+    assert _chunk.parseChunk(b"get 12345\n", 8) == ([], 0)
+
+
+def test_format_outcomes_writes_the_protocols_replies_or_leaves_errors_to_python() -> None:
+    from kvtwist.compiled import _chunk
+    from kvtwist.storage.interface import DELETE, GET, PUT, Operation, StoreUnavailable
+
+    operations = [Operation(PUT, 1, 1), Operation(PUT, 1, 2), Operation(GET, 1), Operation(GET, 2),
+                  Operation(DELETE, 1), Operation(DELETE, 1)]
+    counts = [0] * len(S.REQUEST_KINDS)
+    replies = _chunk.formatOutcomes(operations, [True, False, -(2**63), None, True, False], counts)
+    assert replies == P.OK + P.EXISTS + b"-9223372036854775808\n" + P.NOT_FOUND + P.OK + P.NOT_FOUND
+    assert [counts[i] for i in (S.PUT_OK, S.PUT_EXISTS, S.GET_FOUND, S.GET_NOT_FOUND, S.DEL_OK, S.DEL_NOT_FOUND)] == [1] * 6
+    assert _chunk.formatOutcomes(operations[:1], [StoreUnavailable("timeout")], counts) is None
+    with pytest.raises(ValueError):
+        _chunk.formatOutcomes(operations, [True], counts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import pytest
+from hypothesis import given, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,7 +22,21 @@ from kvtwist.storage.interface import (
     DELETE, GET, PUT, TIMED_OUT, EngineStats, IRemoteStore, Operation, Outcome, StoreUnavailable,
 )
 
+from kvtwist import compiled
+
 from test_protocol import CONVERSATIONS, BAD_REQUESTS
+
+# Every test here runs on both paths for remote engines: the protocol's own
+# parser, and the compiled parseChunk/formatOutcomes where the extension is built.
+PATHS = {"pure": None, "compiled": compiled.remotePath}
+
+
+@pytest.fixture(autouse=True, params=list(PATHS))
+def remotePath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "compiled" and PATHS["compiled"] is None:
+        pytest.skip(f"no compiled path: {compiled.unavailable}")
+    monkeypatch.setattr(compiled, "remotePath", PATHS[request.param])
+    return request.param
 
 
 class DictEngine:
@@ -108,17 +123,23 @@ def test_replies_wait_for_the_engine_and_keep_their_order() -> None:
     )
 
 
-def test_reading_pauses_while_a_chunk_is_at_the_engine() -> None:
+def test_reading_pauses_when_more_comes_while_a_chunk_is_at_the_engine() -> None:
     engine = DictEngine(hold=True)
     proto, transport, _ = connect(engine)
     proto.dataReceived(b"put 1 1\n")
+    # A client waiting for its replies costs no pause.
+    assert transport.producerState == "producing"
+    proto.dataReceived(b"get 1\n")
     assert transport.producerState == "paused"
     # Flow control resuming the connection does not resume reading early.
     proto.pauseProducing()
     proto.resumeProducing()
     assert transport.producerState == "paused"
     engine.release()
-    assert transport.producerState == "producing"
+    # The held chunk went to the engine; reading resumed.
+    assert transport.producerState == "producing" and len(engine.held) == 1
+    engine.release()
+    assert transport.value() == b"OK\n1\n"
 
 
 def test_what_comes_meanwhile_is_run_after_in_order() -> None:
@@ -206,3 +227,32 @@ def test_authentication_unlocks_the_remote_commands() -> None:
     proto.dataReceived(b"put 1 1\nauth sesame\nput 1 1\nget 1\n")
     assert transport.value() == b"Error: authentication required\nOK\nOK\n1\n"
     assert engine.data == {1: 1}
+
+
+def test_the_compiled_path_is_taken_where_it_exists(remotePath: str) -> None:
+    proto, _, _ = connect(DictEngine())
+    assert (proto._remotePath is not None) == (remotePath == "compiled")
+
+
+_LINES = st.sampled_from([
+    b"put 1 2", b"put 1 3", b"get 1", b"del 1", b"get 2", b"put -9223372036854775808 9223372036854775807",
+    b"get -9223372036854775808", b"PUT 2 5", b"get 2\r", b"get  1", b"put 1", b"frob", b"get 99999999999999999999",
+    b"", b"del 2",
+])
+
+
+@given(st.lists(st.lists(_LINES, max_size=8), min_size=1, max_size=6), st.sampled_from(["\n", "\0"]))
+def test_chunks_get_the_replies_a_dict_would_give(chunks: list[list[bytes]], end: str) -> None:
+    """Whatever a chunk holds, each path answers as the in-memory store does, chunk by chunk."""
+    from kvtwist.server.factory import KVFactory as Factory
+    from kvtwist.storage.memory import MemoryStore
+
+    memory = Factory(MemoryStore(), reactor=Clock()).buildProtocol(None)
+    memoryTransport = StringTransport()
+    memory.makeConnection(memoryTransport)
+    proto, transport, _ = connect(DictEngine())
+    for lines in chunks:
+        data = b"".join(line + end.encode() for line in lines)
+        proto.dataReceived(data)
+        memory.dataReceived(data)
+        assert transport.value() == memoryTransport.value()

@@ -20,7 +20,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 from kvtwist.server import stats as _stats
-from kvtwist.storage.interface import StoreFull
+from kvtwist.storage.interface import DELETE, GET, PUT, Operation, StoreFull
 
 # The reply texts of the protocol (kvtwist.server.protocol; a test checks
 # that they agree).
@@ -540,3 +540,127 @@ cdef class CompiledStore:
             p = nl + 1
         reply[0] = o
         return p
+
+
+# The remote engines' path: the same parsing, and the replies formatted
+# from the engine's outcomes, for a chunk whose requests go to an
+# IRemoteStore (kvtwist.server.protocol).
+
+cdef object _PUT_CODE = PUT
+cdef object _GET_CODE = GET
+cdef object _DELETE_CODE = DELETE
+cdef object _newTuple = tuple.__new__
+
+
+def parseChunk(bytes data not None, Py_ssize_t maxRequest):
+    """
+    The ``Operation`` of each complete line of ``data`` in the common form
+    (as ``CompiledStore.runChunk`` takes them), up to the first line that
+    is not, and the offset just after the last line taken. Empty lines are
+    taken and give no operation, as in the protocol.
+    """
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const char* base = PyBytes_AS_STRING(data)
+    cdef const char* p = base
+    cdef const char* end = base + size
+    cdef const char* nl
+    cdef const char* q
+    cdef int verb
+    cdef int64_t key, value
+    cdef list operations = []
+    while p < end:
+        nl = <const char*>memchr(p, c'\n', end - p)
+        if nl == NULL or nl - p > maxRequest:
+            break
+        if nl == p:
+            p = nl + 1
+            continue
+        if nl - p < 5 or p[3] != c' ':
+            break
+        verb = _verb(p)
+        if verb == _OTHER:
+            break
+        q = _parseInt(p + 4, nl, &key)
+        if q == NULL:
+            break
+        if verb == _PUT:
+            if q == nl or q[0] != c' ':
+                break
+            q = _parseInt(q + 1, nl, &value)
+            if q != nl:
+                break
+            operations.append(_newTuple(Operation, (_PUT_CODE, key, value)))
+        else:
+            if q != nl:
+                break
+            operations.append(_newTuple(Operation, (_GET_CODE if verb == _GET else _DELETE_CODE, key, 0)))
+        p = nl + 1
+    return operations, p - base
+
+
+def formatOutcomes(list operations not None, list outcomes not None, list counts not None):
+    """
+    The reply lines for what an engine answered to ``operations``, with
+    each outcome counted in ``counts``; None if any outcome is an error,
+    whose text only the Python path writes.
+    """
+    cdef Py_ssize_t n = len(operations)
+    cdef Py_ssize_t i
+    cdef Py_ssize_t tally[_OUTCOMES]
+    cdef char* out
+    cdef char* o
+    cdef int64_t value
+    cdef object command, outcome
+    if len(outcomes) != n:
+        raise ValueError("one outcome per operation")
+    if len(counts) <= _LAST_COUNT:
+        raise ValueError("counts has no place for every outcome")
+    for i in range(n):
+        outcome = outcomes[i]
+        if outcome is not None and outcome is not True and outcome is not False and type(outcome) is not int:
+            return None
+    for i in range(_OUTCOMES):
+        tally[i] = 0
+    # The longest reply line: a value, 21 bytes.
+    out = <char*>malloc(n * 21 + 1)
+    if out == NULL:
+        raise MemoryError()
+    o = out
+    try:
+        for i in range(n):
+            command = (<tuple>operations[i])[0]
+            outcome = outcomes[i]
+            if command == _GET_CODE:
+                if outcome is None:
+                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                    o += _NOT_FOUND_LEN
+                    tally[_GOT_NONE] += 1
+                else:
+                    value = outcome
+                    o = _formatInt(o, value)
+                    tally[_GOT] += 1
+            elif command == _PUT_CODE:
+                if outcome is True:
+                    memcpy(o, _OK, _OK_LEN)
+                    o += _OK_LEN
+                    tally[_STORED] += 1
+                else:
+                    memcpy(o, _EXISTS, _EXISTS_LEN)
+                    o += _EXISTS_LEN
+                    tally[_EXISTED] += 1
+            else:
+                if outcome is True:
+                    memcpy(o, _OK, _OK_LEN)
+                    o += _OK_LEN
+                    tally[_DELETED] += 1
+                else:
+                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                    o += _NOT_FOUND_LEN
+                    tally[_DELETED_NONE] += 1
+        replies = PyBytes_FromStringAndSize(out, o - out)
+    finally:
+        free(out)
+    for i in range(_OUTCOMES):
+        if tally[i]:
+            counts[_COUNT_AT[i]] += tally[i]
+    return replies

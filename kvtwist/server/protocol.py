@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, cast
 
 from twisted.internet import interfaces
@@ -143,6 +144,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     _store: IStore
     # The same store when it runs whole chunks in C (kvtwist.compiled), else None.
     _compiled: CompiledStore | None = None
+    # With a remote engine, the compiled parsing and formatting (kvtwist.compiled), else None.
+    _remotePath: ModuleType | None = None
     _log = Logger()
 
     def __init__(self) -> None:
@@ -168,6 +171,8 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._unlocked = _COMMANDS
         self._operations: list[Operation] = []
         self._awaiting = False
+        # Reading stopped because a second chunk came while one was at the engine.
+        self._heldForEngine = False
         self._backlog: list[bytes] = []
         self._endOfInput = False
         self._lastBatch: Batch | None = None
@@ -203,6 +208,7 @@ class KVProtocol(Protocol, TimeoutMixin):
                 self._compiled = store
         else:
             self._commands = self._unlocked = _REMOTE_COMMANDS
+            self._remotePath = compiled.remotePath
         if self.factory.password is not None:
             self._commands = _LOCKED
         self.setTimeout(self.factory.idleTimeout or None)
@@ -280,7 +286,7 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if not self._closing and not self._awaiting:
+        if not self._closing and not self._heldForEngine:
             if not self._pieces:
                 self._pendingSince = None
             self._stream.resumeProducing()
@@ -340,12 +346,36 @@ class KVProtocol(Protocol, TimeoutMixin):
             # request) takes the ordinary path, after these replies.
             factory.stats.bytesIn += done
             prefix, data = answered, data[done:]
+        remotePath = self._remotePath
+        if (
+            remotePath is not None
+            and self._commands is _REMOTE_COMMANDS
+            and not self._pieces
+            and not self._closing
+            and not self._awaiting
+            and self._pendingSince is None
+        ):
+            # The common case with a remote engine: whole requests in the
+            # common form, parsed in C into the chunk's operations. (Parsing
+            # changes nothing, so any other chunk simply takes the ordinary path.)
+            operations, done = remotePath.parseChunk(data, self.factory.maxRequest)
+            if done == len(data) and operations:
+                self.factory.stats.bytesIn += done
+                batch = Batch()
+                if self._untilTimed:
+                    batch.received = self._timeThisChunk()
+                self._askEngine(operations, None, batch)
+                return
         if self._closing:
             return
         if self._awaiting:
-            # Reading is paused while a chunk is at the engine, but a TLS
-            # transport may still hand over what it had decrypted.
+            # The next chunk waits for the engine's answer to this one, and
+            # reading stops until then: what waits is one read at most (and
+            # what a TLS transport had decrypted).
             self._backlog.append(data)
+            if not self._heldForEngine:
+                self._heldForEngine = True
+                self._stream.pauseProducing()
             return
         factory = self.factory
         factory.stats.bytesIn += len(data)
@@ -409,7 +439,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     def _complete(self, replies: list[bytes], batch: Batch) -> None:
         """Deliver a chunk's replies: at once, or once the engine has answered its requests."""
         if self._operations:
-            self._askEngine(replies, batch)
+            operations, self._operations = self._operations, []
+            self._askEngine(operations, replies, batch)
             return
         batch.replies = b"".join(replies)
         if self._closing:
@@ -570,38 +601,49 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._counts[S.DEL_NOT_FOUND] += 1
         return NOT_FOUND
 
-    def _askEngine(self, replies: list[bytes], batch: Batch) -> None:
+    def _askEngine(self, operations: list[Operation], replies: list[bytes] | None, batch: Batch) -> None:
         """
-        Send the chunk's operations to the engine, and read nothing more
-        from this connection until it has answered.
+        Send the chunk's operations to the engine, and hold whatever else
+        this connection sends until it has answered. ``replies`` are the
+        chunk's reply lines, ``_AWAITING`` where the engine's answers go;
+        None when every request of the chunk is one of ``operations``.
 
         One chunk per connection at the engine keeps the connection's
         replies in order, and bounds what waits for the engine by the
         number of connections: a client that sends more meets TCP's flow
-        control, not a growing queue here.
+        control (dataReceived stops reading), not a growing queue here. A
+        client that waits for its replies, as most do, costs no pause.
         """
         remote = self.factory.remote
         assert remote is not None, "operations without a remote engine"
-        operations, self._operations = self._operations, []
         self._awaiting = True
-        self._stream.pauseProducing()
         self.resetTimeout()
-        remote.execute(operations).addCallback(self._engineAnswered, replies, operations, batch).addErrback(
+        remote.execute(operations).addCallback(self._engineAnswered, operations, replies, batch).addErrback(
             self._engineBroke
         )
 
     def _engineAnswered(
-        self, outcomes: list[Outcome], replies: list[bytes], operations: list[Operation], batch: Batch
+        self, outcomes: list[Outcome], operations: list[Operation], replies: list[bytes] | None, batch: Batch
     ) -> None:
         self._awaiting = False
         if self._lost:
             return
-        answers = iter(zip(operations, outcomes))
-        for i, reply in enumerate(replies):
-            if reply is _AWAITING:
-                operation, outcome = next(answers)
-                replies[i] = self._reply(operation, outcome)
-        batch.replies = b"".join(replies)
+        if replies is None:
+            formatted = None if self._remotePath is None else self._remotePath.formatOutcomes(
+                operations, outcomes, self._counts
+            )
+            if formatted is not None:
+                batch.replies = formatted
+            else:
+                # An error among the outcomes: its text is the Python path's.
+                replies = [_AWAITING] * len(operations)
+        if replies is not None:
+            answers = iter(zip(operations, outcomes))
+            for i, reply in enumerate(replies):
+                if reply is _AWAITING:
+                    operation, outcome = next(answers)
+                    replies[i] = self._reply(operation, outcome)
+            batch.replies = b"".join(replies)
         last = self._lastBatch
         if last is not None:
             # The connection was ended (a timeout) while the engine worked.
@@ -612,8 +654,10 @@ class KVProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self.sendReplies(batch)
-        if not self._paused:
-            self._stream.resumeProducing()
+        if self._heldForEngine:
+            self._heldForEngine = False
+            if not self._paused:
+                self._stream.resumeProducing()
         if self._backlog:
             data = b"".join(self._backlog)
             self._backlog = []

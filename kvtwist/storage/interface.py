@@ -25,10 +25,10 @@ A remote engine (``kvtwist.engines``) cannot answer ``get`` before the
 engine has answered, so it is an ``IRemoteStore`` instead: one chunk-level
 method, the chunk's ``Operation``s in, a Deferred of their ``Outcome``s
 out. The protocol formats the outcomes when they come and sends them
-itself; it keeps one chunk per connection at the engine, and reads no
-more from that connection meanwhile, so that a connection's replies stay
-in order and the requests waiting for an engine are bounded by the
-connections. The in-process stores keep the per-key methods, which
+itself; it keeps one chunk per connection at the engine, and stops reading
+from a connection that sends more meanwhile, so that a connection's
+replies stay in order and the requests waiting for an engine are bounded
+by the connections. The in-process stores keep the per-key methods, which
 answer at once: their fast path pays nothing for the remote one.
 
 No Twisted imports: Deferreds belong to the implementations that need them.
