@@ -155,8 +155,9 @@ def makeService(config: Options, reactor: IReactorCore | None = None) -> service
     # machines can reach.
     listening = listeningService(
         reactor, config["port"], factory, authenticated=config["password-file"] is not None,
-        announce=partial(announceStore, None if durable is None else durable.store) if engine is None
-        else partial(announceEngine, engine),
+        announce=partial(announceEngine, engine) if engine is not None
+        else partial(announceStore, durable.store) if durable is not None
+        else partial(announceStore, None, compiledPath=isinstance(store, compiled.CompiledStore or ())),
     )
     if durable is None and engine is None and config["metrics"] is None:
         return listening

@@ -478,16 +478,6 @@ class FaultTests(_EngineTest):
         self.assertEqual(unexpected, [])
 
 
-def _storeOption() -> bool:
-    """Whether ``twistd kvstore`` takes --store (the engines wired into the server)."""
-    helpText = subprocess.run(
-        [str(Path(sys.executable).with_name("twistd")), "-n", "kvstore", "--help"],
-        capture_output=True, text=True, timeout=30,
-    ).stdout  # fmt: skip
-    return "--store" in helpText
-
-
-requires_store_option = pytest.mark.skipif(not _storeOption(), reason="twistd kvstore has no --store option")
 
 
 @pytest.fixture
@@ -515,7 +505,6 @@ def _check(*nodes: ServerProcess, duration: float = 2.0) -> subprocess.Completed
     )  # fmt: skip
 
 
-@requires_store_option
 def test_nodeRepliesThroughEtcd(twoNodes: tuple[EtcdCluster, ServerProcess, ServerProcess, str]) -> None:
     cluster, node, _, prefix = twoNodes
     replies = session(node, b"put 1 +0005\nput 1 6\nget 001\nget 2\ndel 1\ndel 1\nget 1\n")
@@ -524,7 +513,6 @@ def test_nodeRepliesThroughEtcd(twoNodes: tuple[EtcdCluster, ServerProcess, Serv
     assert etcd_get_raw(cluster, f"{prefix}-3".encode()) == b"-4"
 
 
-@requires_store_option
 def test_writeOnOneNodeVisibleOnTheOther(twoNodes: tuple[EtcdCluster, ServerProcess, ServerProcess, str]) -> None:
     _, first, second, _ = twoNodes
     assert session(first, b"put 10 100\n") == b"OK\nGoodbye\n"
@@ -532,14 +520,12 @@ def test_writeOnOneNodeVisibleOnTheOther(twoNodes: tuple[EtcdCluster, ServerProc
     assert session(first, b"get 10\n") == b"Key not found\nGoodbye\n"
 
 
-@requires_store_option
 def test_checkerAcrossTwoNodes(twoNodes: tuple[EtcdCluster, ServerProcess, ServerProcess, str]) -> None:
     _, first, second, _ = twoNodes
     result = _check(first, second)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@requires_store_option
 def test_checkerAcrossTwoNodesWhileAMemberDies(tmp_path: Path) -> None:
     """
     kvtwist-check across two nodes passes while the etcd member both nodes

@@ -8,11 +8,16 @@ from pathlib import Path
 
 from kvtwist.storage import journal
 from kvtwist.storage.datadir import journalName
+from kvtwist import compiled
 from kvtwist.version import version
 from serverproc import ServerProcess, session, start_server
 
 # twistd's log lines: "2026-01-01T00:00:00+0000 [namespace#level] message".
 _LOG_LINE = re.compile(r"^\S+ \[[^\]]*\] (kvstore.*)$", re.MULTILINE)
+
+
+# The in-memory store's start-up line: it says whether the compiled path runs.
+MEMORY_LINE = "kvstore: store: memory" + (" (compiled)" if compiled.CompiledStore is not None else "")
 
 
 def kvstoreLines(server: ServerProcess) -> list[str]:
@@ -30,7 +35,7 @@ def test_in_memory_it_says_what_it_is_then_where_it_listens() -> None:
     assert server.stop() == -signal.SIGTERM
     assert kvstoreLines(server) == [
         f"kvstore: kvtwist {version()} starting",
-        "kvstore: store: memory",
+        MEMORY_LINE,
         listening(server),
     ], "once each, nothing per request"
 

@@ -20,10 +20,15 @@ from kvtwist.server.arguments import LISTEN_BACKLOG, ListenAddress, withServerDe
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.listening import KVService, ListeningPort
 from kvtwist.tap import Options, makeService
+from kvtwist import compiled
 from kvtwist.version import version
 
 # A certificate and key that ship with Twisted, for ssl: descriptions.
 SERVER_PEM = Path(twisted.test.__file__).with_name("server.pem")
+
+
+# The in-memory store's start-up line: it says whether the compiled path runs.
+MEMORY_LINE = "kvstore: store: memory" + (" (compiled)" if compiled.CompiledStore is not None else "")
 
 
 def parse(*args: str) -> Options:
@@ -235,7 +240,7 @@ def test_the_start_up_story_comes_before_the_first_listening_line(logged: Sequen
     makeService(parse("--port", "unix:/tmp/kvtwist-test.sock"), reactor=MemoryReactor()).startService()
     assert [formatEvent(e) for e in logged] == [
         f"kvstore: kvtwist {version()} starting",
-        "kvstore: store: memory",
+        MEMORY_LINE,
         "kvstore listening on UNIXAddress('/tmp/kvtwist-test.sock')",
     ]
 

@@ -71,14 +71,15 @@ class DurableStore(JournaledStore):
         _log.critical("kvstore: THE STORE IS NOW READ-ONLY: {reason}. {help}", reason=reason, help=READ_ONLY_HELP)
 
 
-def announceStore(store: DurableStore | None) -> None:
+def announceStore(store: DurableStore | None, compiledPath: bool = False) -> None:
     """
     Tell the operator which store this is and what recovery found, before the server listens.
 
-    ``None`` stands for the in-memory store, which, free of Twisted, logs nothing itself.
+    ``None`` stands for the in-memory store, which, free of Twisted, logs
+    nothing itself; ``compiledPath`` says whether it runs in C (kvtwist.compiled).
     """
     if store is None:
-        _log.info("kvstore: store: memory")
+        _log.info("kvstore: store: memory" + (" (compiled)" if compiledPath else ""))
         return
     _log.info("kvstore: store: data directory {dir} (fsync {fsync})", dir=store.dirPath, fsync=store.fsync)
     for warning in store.warnings:
