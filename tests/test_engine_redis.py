@@ -20,15 +20,18 @@ from typing import Any, Sequence
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.application.service import IService
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from kvtwist.engines import EngineOptions, EngineURLError, openEngine
-from kvtwist.engines.redis import RedisStore
+from kvtwist.engines.redis import CommandEncoder, RedisStore, commandFor
+from kvtwist.engines.redisnode import encodeCommands
 from kvtwist.storage.interface import (
     DELETE,
     GET,
@@ -414,6 +417,115 @@ class PoolTests(EngineTestCase):
         self.assertEqual((node._pending, len(node._waiting)), (0, 0))
 
 
+def connectedNode(timeout: float = 2.0, connections: int = 1) -> tuple[Any, Any, list[Any], list[Any]]:
+    """A RedisNode on a fake clock whose connections are StringTransports, past their PING: (node, clock, protocols, transports)."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from kvtwist.engines.redisnode import RedisNode
+    from kvtwist.storage.interface import EngineStats
+
+    clock = MemoryReactorClock()
+    node = RedisNode("127.0.0.1", 6379, EngineOptions(connections=connections, timeout=timeout), clock, EngineStats())
+    node.startService()
+    protocols, transports = [], []
+    for _, _, factory, _, _ in clock.tcpClients:
+        wrapper = factory.buildProtocol(None)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        assert transport.value() == b"*1\r\n$4\r\nPING\r\n"
+        transport.clear()
+        wrapper.dataReceived(b"+PONG\r\n")
+        protocols.append(wrapper)
+        transports.append(transport)
+    assert node.unavailable is None
+    return node, clock, protocols, transports
+
+
+class ClockTests(TestCase):
+    """Every send is answered within the timeout by one clock per node, not one timer per send."""
+
+    def test_aStuckSendTimesOutAtItsDeadline(self) -> None:
+        node, clock, [protocol], [transport] = connectedNode(timeout=2.0)
+        # The connection's last reply (its PONG) came before the send.
+        clock.advance(1.0)
+        first = node.send([[b"GET", b"a"], [b"GET", b"b"]])
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n")
+        clock.advance(1.0)
+        second = node.send([[b"GET", b"c"]])
+        clock.advance(0.9)
+        self.assertNoResult(first)
+        clock.advance(0.1)
+        self.assertEqual(reasons(self.successResultOf(first)), {TIMED_OUT})
+        self.assertNoResult(second)
+        # Nothing came back on the connection for a whole timeout: it is given up.
+        self.assertTrue(transport.disconnecting)
+        clock.advance(0.9)
+        self.assertNoResult(second)
+        clock.advance(0.1)
+        self.assertEqual(reasons(self.successResultOf(second)), {TIMED_OUT})
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_answeredSendsNeedNoTimerOfTheirOwn(self) -> None:
+        node, clock, [protocol], [transport] = connectedNode(timeout=2.0)
+        sends = [node.send([[b"GET", b"%d" % n]]) for n in range(100)]
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in range(100)))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        protocol.dataReceived(b"$1\r\n7\r\n" * 60)
+        self.assertEqual([self.successResultOf(d) for d in sends[:60]], [[b"7"]] * 60)
+        clock.advance(1.5)
+        late = node.send([[b"GET", b"x"]])
+        protocol.dataReceived(b"$1\r\n8\r\n" * 39 + b"$1\r")
+        self.assertNoResult(sends[99])
+        clock.advance(0.5)
+        # The oldest unanswered send was written at 0: it timed out at 2.
+        self.assertEqual(reasons(self.successResultOf(sends[99])), {TIMED_OUT})
+        self.assertNoResult(late)
+        self.assertFalse(transport.disconnecting)
+        # Its late reply is skipped, and the next one goes to the send it answers.
+        protocol.dataReceived(b"\n8\r\n$1\r\n9\r\n")
+        self.assertEqual(self.successResultOf(late), [b"9"])
+        self.assertEqual((node._pending, node._live), (0, 0))
+        clock.advance(2.0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_aSendMadeWhenTheClockRunsDoesNotDelayAnOlderOne(self) -> None:
+        node, clock, [protocol], [transport] = connectedNode(timeout=2.0)
+        retried: list[Deferred[list[object]]] = []
+
+        def sendAgain(results: list[object]) -> list[object]:
+            retried.append(node.send([[b"GET", b"a"]]))
+            return results
+
+        first = node.send([[b"GET", b"a"]])
+        # Whoever hears of the first timeout sends again at once, which
+        # arms the clock for that new send's deadline, at 4.
+        first.addCallback(sendAgain)
+        clock.advance(0.5)
+        second = node.send([[b"GET", b"b"]])
+        clock.advance(1.5)
+        self.assertEqual(reasons(self.successResultOf(first)), {TIMED_OUT})
+        self.assertEqual(len(retried), 1)
+        clock.advance(0.5)
+        self.assertEqual(reasons(self.successResultOf(second)), {TIMED_OUT})
+        self.assertNoResult(retried[0])
+        clock.advance(1.5)
+        self.assertEqual(reasons(self.successResultOf(retried[0])), {TIMED_OUT})
+
+    def test_stopCancelsTheClock(self) -> None:
+        node, clock, [protocol], [transport] = connectedNode(timeout=2.0)
+        sent = node.send([[b"PING"]])
+        clock.advance(0)
+        protocol.dataReceived(b"+PONG\r\n")
+        self.assertEqual(self.successResultOf(sent), [b"PONG"])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        stopped = node.stopService()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class TLSTests(EngineTestCase):
     """``rediss://`` against a redis-server with a TLS port and a self-signed certificate."""
 
@@ -514,6 +626,20 @@ def test_aCAFileWithoutCertificatesIsRefused(tmp_path: Path) -> None:
 )
 def test_describeShowsNoPassword(url: str, described: str) -> None:
     assert openEngine(url, EngineOptions(), reactor).describe() == described
+
+
+@pytest.mark.parametrize("prefix", [b"kvtwist:", b"", b"{app}:", b"100%d%b%%:", "k\u00e9y\r\n".encode()])
+def test_templatesEncodeWhatEncodeCommandsDoes(prefix: bytes) -> None:
+    extremes = [0, 1, -1, 9, 10, -10, 2**63 - 1, -(2**63), 123456789]
+    operations = [Operation(GET, key) for key in extremes] + [Operation(DELETE, key) for key in extremes]
+    operations += [Operation(PUT, key, value) for key in extremes for value in extremes]
+    encoded = CommandEncoder(prefix).encode(operations)
+    assert encoded == [encodeCommands([commandFor(operation, prefix + b"%d" % operation.key)]) for operation in operations]
+
+
+def test_theEncoderRefusesAnUnknownCommand() -> None:
+    with pytest.raises(ValueError, match="unknown operation"):
+        CommandEncoder(b"p:").encode([Operation(GET, 1), Operation(7, 1)])
 
 
 # Real ``twistd kvstore --store redis://...`` nodes.

@@ -143,3 +143,106 @@ def test_a_twisted_without_the_private_queue_counter_takes_the_ordinary_path() -
 
     assert directsend.supports(tcp.Server)
     assert not directsend.supports(OtherQueue)
+
+
+class ClientPair:
+    """A real ``tcp.Client`` (a remote engine's connection) connected to a plain socket, on a MemoryReactor."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        from twisted.internet.protocol import Protocol
+
+        self.protocol = Protocol()
+        self.reactor = MemoryReactorClock()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            if rcvbuf:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            protocol = self.protocol
+
+            class Connector:
+                def buildProtocol(self, addr: object) -> Protocol:
+                    return protocol
+
+            self.transport = tcp.Client("127.0.0.1", listener.getsockname()[1], None, Connector(), self.reactor)  # type: ignore[arg-type]
+            if rcvbuf:
+                self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+            self.reactor.advance(0)  # what the reactor does first: start connecting
+            self.server, _ = listener.accept()
+        while not self.transport.connected:
+            select.select([], [self.transport.socket], [], 1)
+            self.transport.doConnect()
+
+    def queued(self) -> bool:
+        return self.transport in self.reactor.getWriters()
+
+    def received(self) -> bytes:
+        self.server.setblocking(False)
+        data = b""
+        while True:
+            try:
+                chunk = self.server.recv(1 << 16)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def close(self) -> None:
+        self.server.close()
+        self.transport.socket.close()
+
+
+def test_a_client_connection_sends_without_a_reactor_turn() -> None:
+    from kvtwist.server.directsend import sendNow
+
+    pair = ClientPair()
+    try:
+        assert sendNow(pair.transport, b"*1\r\n$4\r\nPING\r\n") == b""
+        assert not pair.queued()
+        assert pair.received() == b"*1\r\n$4\r\nPING\r\n"
+    finally:
+        pair.close()
+
+
+def test_a_client_connection_keeps_order_when_the_kernel_takes_only_part() -> None:
+    from kvtwist.server.directsend import sendNow
+
+    pair = ClientPair(rcvbuf=4096)
+    try:
+        first = b"".join(b"%08d\n" % n for n in range(200000))
+        rest = sendNow(pair.transport, first)
+        # The socket buffers are small: the kernel took only part of it.
+        assert rest and len(rest) < len(first)
+        pair.transport.write(rest)
+        assert pair.queued()
+        # A later write must wait behind the queue, not jump ahead of it.
+        assert sendNow(pair.transport, b"last\n") == b"last\n"
+        pair.transport.write(b"last\n")
+        stream = b""
+        deadline = time.monotonic() + 30
+        while pair.queued() and time.monotonic() < deadline:
+            stream += pair.received()
+            select.select([], [pair.transport.socket], [], 0.05)
+            pair.transport.doWrite()
+        expected = first + b"last\n"
+        pair.server.settimeout(5)
+        while len(stream) < len(expected):
+            chunk = pair.server.recv(1 << 16)
+            if not chunk:
+                break
+            stream += chunk
+        assert stream == expected
+    finally:
+        pair.close()
+
+
+def test_a_twisted_whose_client_connections_lack_the_queue_takes_the_ordinary_path() -> None:
+    from kvtwist.server import directsend
+
+    class OtherClient(tcp.Client):
+        def __getattribute__(self, name: str) -> object:
+            if name == "dataBuffer":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    assert directsend.supports(tcp.Client)
+    assert not directsend.supports(OtherClient)

@@ -29,8 +29,8 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from kvtwist.engines import EngineOptions, EngineURLError
-from kvtwist.engines.redis import commandFor, outcomeOf
-from kvtwist.engines.redisnode import RedisNode, ReplyError
+from kvtwist.engines.redis import CommandEncoder, outcomeOf
+from kvtwist.engines.redisnode import RedisNode, ReplyError, encodeCommands
 from kvtwist.storage.interface import TIMED_OUT, EngineStats, Operation, Outcome, StoreUnavailable
 
 SLOTS = 16384
@@ -51,7 +51,7 @@ REFRESH_INTERVAL = 0.2
 # Error replies worth sending again after a pause; by their first word.
 _RETRIABLE = {b"TRYAGAIN": "try again", b"CLUSTERDOWN": "cluster down", b"LOADING": "loading"}
 
-_ASKING = (b"ASKING",)
+_ASKING = encodeCommands([[b"ASKING"]])
 _CLUSTER_SLOTS = (b"CLUSTER", b"SLOTS")
 
 # An operation sent whose answer has not come yet.
@@ -185,7 +185,8 @@ class _Chunk:
     def __init__(self, store: RedisClusterStore, operations: Sequence[Operation]) -> None:
         self.store = store
         self.operations = operations
-        self.commands: list[tuple[bytes, ...]] = []
+        # Each operation's command, encoded.
+        self.commands: list[bytes] = []
         self.slots: list[int] = []
         self.outcomes: list[Outcome] = [_UNANSWERED] * len(operations)
         self.result: Deferred[list[Outcome]] = Deferred()
@@ -206,7 +207,7 @@ class _Chunk:
         store = self.store
         slotNodes = store._slotNodes
         commands = self.commands
-        groups: dict[RedisNode, tuple[list[int], list[Sequence[bytes]]]] = {}
+        groups: dict[RedisNode, tuple[list[int], list[bytes]]] = {}
         unserved = False
         for index in indices:
             node = self.asking.pop(index, None) if self.asking else None
@@ -231,7 +232,7 @@ class _Chunk:
             store._refreshSoon()
         for node, (groupIndices, groupCommands) in groups.items():
             self.waiting += 1
-            node.send(groupCommands).addCallback(self._answered, groupIndices)
+            node.sendEncoded(b"".join(groupCommands), len(groupCommands)).addCallback(self._answered, groupIndices)
         if not self.waiting:
             self._finish()
 
@@ -384,7 +385,7 @@ class RedisClusterStore(Service):
         self._username = username
         self._password = password
         prefix = options.keyPrefix.encode()
-        self._prefix = prefix
+        self._encoder = CommandEncoder(prefix)
         # Keys are the prefix and a decimal number, which has no braces: so
         # the prefix alone decides whether a hash tag applies (one slot for
         # every key), and otherwise the CRC of the prefix is computed once.
@@ -432,15 +433,13 @@ class RedisClusterStore(Service):
     def execute(self, operations: Sequence[Operation]) -> Deferred[list[Outcome]]:
         """Run ``operations`` on their masters; see ``IRemoteStore`` for the promise."""
         chunk = _Chunk(self, operations)
-        prefix = self._prefix
+        chunk.commands = self._encoder.encode(operations)
         fixedSlot = self._fixedSlot
         prefixCrc = self._prefixCrc
-        commands = chunk.commands
-        slots = chunk.slots
-        for operation in operations:
-            digits = b"%d" % operation.key
-            commands.append(commandFor(operation, prefix + digits))
-            slots.append(fixedSlot if fixedSlot >= 0 else crc_hqx(digits, prefixCrc) & (SLOTS - 1))
+        if fixedSlot >= 0:
+            chunk.slots = [fixedSlot] * len(operations)
+        else:
+            chunk.slots = [crc_hqx(b"%d" % operation.key, prefixCrc) & (SLOTS - 1) for operation in operations]
         if not operations:
             return succeed([])
         self.stats.operations += len(operations)

@@ -1,15 +1,17 @@
 """
-Sending replies straight to a TCP socket when nothing is queued before them.
+Sending straight to a TCP socket when nothing is queued before the bytes:
+replies to clients (``tcp.Server``) and pipelines to a remote engine
+(``tcp.Client``).
 
 ``transport.write`` only queues: the bytes leave on a later reactor turn,
 after one epoll_ctl to watch the socket for writability and one to stop.
-For small replies that costs about a quarter of the server's CPU
+For small writes that costs about a quarter of the server's CPU
 (docs/performance.md). Sending at once is safe only when nothing written
 earlier is still queued, and Twisted keeps its queue in attributes it does
 not promise to keep: ``dataBuffer`` and ``_tempDataLen``, with
 ``writeSomeData`` to send. This module is the one place that touches them.
-It checks once, at import, that this Twisted has them; if not, every reply
-takes the ordinary path.
+It checks once, at import, that this Twisted's server and client
+connections both have them; if not, every write takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, cast
 
 from twisted.internet import abstract, tcp
 
-# What the fast path reads or calls on a tcp.Server, beyond ITransport.
+# What the fast path reads or calls on a tcp.Server or tcp.Client, beyond ITransport.
 _PRIVATE = ("dataBuffer", "_tempDataLen", "writeSomeData", "connected", "disconnecting")
 
 
@@ -32,8 +34,9 @@ def supports(descriptorType: type[abstract.FileDescriptor]) -> bool:
 
 def _sendNow(transport: Any, data: bytes) -> bytes:
     """Give the kernel what it takes of ``data`` at once, if that keeps the order; return the rest."""
+    kind = type(transport)
     if (
-        type(transport) is tcp.Server
+        (kind is tcp.Server or kind is tcp.Client)
         and transport.connected
         and not transport.disconnecting
         and not transport.dataBuffer
@@ -51,6 +54,6 @@ def _sendLater(transport: Any, data: bytes) -> bytes:
     return data
 
 
-ENABLED = supports(tcp.Server)
+ENABLED = supports(tcp.Server) and supports(tcp.Client)
 # sendNow(transport, data) -> what is left for transport.write.
 sendNow: Callable[[Any, bytes], bytes] = _sendNow if ENABLED else _sendLater
