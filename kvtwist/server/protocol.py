@@ -617,7 +617,10 @@ class KVProtocol(Protocol, TimeoutMixin):
         remote = self.factory.remote
         assert remote is not None, "operations without a remote engine"
         self._awaiting = True
-        self.resetTimeout()
+        if self.timeOut is not None:
+            self.resetTimeout()
+        # The errback also catches a failure of _engineAnswered itself, so
+        # that a bug ends the connection rather than leave it waiting.
         remote.execute(operations).addCallback(self._engineAnswered, operations, replies, batch).addErrback(
             self._engineBroke
         )
@@ -652,8 +655,9 @@ class KVProtocol(Protocol, TimeoutMixin):
         if self._closing:
             self._finish(batch)
             return
-        self.resetTimeout()
-        self.sendReplies(batch)
+        if self.timeOut is not None:
+            self.resetTimeout()
+        self._write(batch.replies, batch.received)
         if self._heldForEngine:
             self._heldForEngine = False
             if not self._paused:
@@ -667,8 +671,9 @@ class KVProtocol(Protocol, TimeoutMixin):
             self.readConnectionLost()
 
     def _engineBroke(self, failure: Failure) -> None:
-        # IRemoteStore promises outcomes, never a failure: this is a bug, so
-        # the connection ends rather than answer anything untrue.
+        # IRemoteStore promises outcomes, never a failure, and formatting
+        # them cannot fail: this is a bug, so the connection ends rather
+        # than answer anything untrue.
         self._log.failure("kvstore: the store failed a chunk instead of answering it", failure)
         if not self._lost:
             self._stream.abortConnection()
