@@ -352,7 +352,7 @@ class ClusterTests(TestCase):
 
 
 class FaultTests(TestCase):
-    """A master that stops answering, then dies, on a cluster of its own (it ends broken)."""
+    """A master that stops answering, dies, and comes back, on a cluster of its own."""
 
     cluster: redisclusterprocs.RedisCluster
 
@@ -421,6 +421,21 @@ class FaultTests(TestCase):
         self.assertEqual([o.reason if isinstance(o, StoreUnavailable) else o for o in outcomes], ["cluster down"] * len(survivors))
         # Retried with growing pauses (0.05, 0.1, 0.2, 0.4 s) while the deadline allowed.
         self.assertGreaterEqual(store.redirects["retried"], 3 * len(survivors))
+
+        # The master comes back (empty: nothing was saved): the cluster is
+        # whole again, and the same store serves every slot, with no restart of its own.
+        yield deferToThread(victim.restart)
+        yield deferToThread(self.cluster.waitState, "ok", 30.0)
+        deadline = reactor.seconds() + 10.0
+        while True:
+            outcomes = yield store.execute([Operation(PUT, key, key + 1) for key in lostKeys])
+            if all(outcome is True for outcome in outcomes) or reactor.seconds() > deadline:
+                break
+            yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(outcomes, [True] * len(lostKeys))
+        outcomes = yield store.execute([Operation(GET, key) for key in keys])
+        self.assertEqual(outcomes, [key + 1 if lost else key for key, lost in zip(keys, onVictim)])
+        self.assertIsNone(store.stats.unavailable)
 
 
 class NoClusterTests(TestCase):
