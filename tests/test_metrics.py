@@ -99,6 +99,36 @@ def test_latency_is_timed_on_a_sample_of_chunks_scaled_to_every_request() -> Non
     assert scaled == pytest.approx(factory.stats.latency.total * chunks / 3)
 
 
+def test_a_remote_engine_exports_its_round_trips_errors_and_health() -> None:
+    from test_protocol_remote import DictEngine
+
+    from kvtwist.storage.interface import TIMED_OUT
+
+    engine = DictEngine()
+    factory = KVFactory(engine, reactor=Clock(), timing=True)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    # What an engine records of itself (kvtwist.engines): here, by hand.
+    engine.stats.operations = 5
+    engine.stats.latency.observe(0.002, 2)
+    engine.stats.failed(TIMED_OUT, 3)
+    registry = scrape(factory)
+    assert registry.get_sample_value("kvtwist_engine_operations_total") == 5
+    assert registry.get_sample_value("kvtwist_engine_errors_total", {"reason": TIMED_OUT}) == 3
+    assert registry.get_sample_value("kvtwist_engine_latency_seconds_count") == 2
+    assert registry.get_sample_value("kvtwist_engine_unavailable") == 0
+    # No key count: an engine cannot count the keys under a prefix cheaply.
+    assert registry.get_sample_value("kvtwist_keys") is None
+    health = HealthResource(None, factory.remote)
+    request = DummyRequest([b""])
+    assert health.render_GET(request) == b"ok\n"
+    engine.stats.unavailable = "connection refused"
+    assert scrape(factory).get_sample_value("kvtwist_engine_unavailable") == 1
+    request = DummyRequest([b""])
+    assert health.render_GET(request) == b"store unavailable: connection refused\n"
+    assert request.responseCode == 503
+
+
 def test_a_durable_store_exports_its_journal_fsyncs_and_health(tmp_path) -> None:
     from twisted.internet import defer
 
