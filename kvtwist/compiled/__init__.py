@@ -32,8 +32,8 @@ if os.environ.get("KVTWIST_PURE") == "1":
     CompiledStore, remotePath, unavailable = None, None, "disabled by KVTWIST_PURE=1"
 else:
     try:
-        from kvtwist.compiled import _chunk as remotePath
         from kvtwist.compiled._chunk import CompiledStore
+        from kvtwist.compiled import _chunk as remotePath
     except ImportError as e:
         CompiledStore, remotePath, unavailable = None, None, f"the extension is not built ({e})"
     else:
