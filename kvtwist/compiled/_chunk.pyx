@@ -173,6 +173,29 @@ cdef inline int _verb(const char* p) noexcept nogil:
     return _OTHER
 
 
+cdef inline bint _parseRequest(
+    const char* p, const char* nl, int* verb, int64_t* key, int64_t* value
+) noexcept nogil:
+    """
+    Whether the line from ``p`` to its LF at ``nl`` is a request in the
+    common form (see runChunk); if so, its verb, key and (for put) value.
+    """
+    cdef const char* q
+    if nl - p < 5 or p[3] != c' ':
+        return False
+    verb[0] = _verb(p)
+    if verb[0] == _OTHER:
+        return False
+    q = _parseInt(p + 4, nl, key)
+    if q == NULL:
+        return False
+    if verb[0] == _PUT:
+        if q == nl or q[0] != c' ':
+            return False
+        q = _parseInt(q + 1, nl, value)
+    return q == nl
+
+
 cdef inline char* _formatInt(char* out, int64_t value) noexcept nogil:
     """Write ``value`` in canonical decimal and a LF at ``out``; return the byte after them."""
     cdef char digits[20]
@@ -480,7 +503,6 @@ cdef class CompiledStore:
     ) noexcept nogil:
         """runChunk's loop: run lines from ``p``, append replies at ``reply[0]``, tally outcomes; return where it stopped."""
         cdef const char* nl
-        cdef const char* q
         cdef char* o = reply[0]
         cdef int verb, stored
         cdef int64_t key, value
@@ -491,17 +513,9 @@ cdef class CompiledStore:
             if nl == p:
                 p = nl + 1
                 continue
-            if nl - p < 5 or p[3] != c' ':
-                break
-            verb = _verb(p)
-            if verb == _OTHER:
-                break
-            q = _parseInt(p + 4, nl, &key)
-            if q == NULL:
+            if not _parseRequest(p, nl, &verb, &key, &value):
                 break
             if verb == _GET:
-                if q != nl:
-                    break
                 if self._lookup(key, &value):
                     o = _formatInt(o, value)
                     tally[_GOT] += 1
@@ -510,11 +524,6 @@ cdef class CompiledStore:
                     o += _NOT_FOUND_LEN
                     tally[_GOT_NONE] += 1
             elif verb == _PUT:
-                if q == nl or q[0] != c' ':
-                    break
-                q = _parseInt(q + 1, nl, &value)
-                if q != nl:
-                    break
                 stored = self._tryPut(key, value)
                 if stored == 1:
                     memcpy(o, _OK, _OK_LEN)
@@ -527,8 +536,6 @@ cdef class CompiledStore:
                 else:
                     break
             else:
-                if q != nl:
-                    break
                 if self._remove(key):
                     memcpy(o, _OK, _OK_LEN)
                     o += _OK_LEN
@@ -564,9 +571,8 @@ def parseChunk(bytes data not None, Py_ssize_t maxRequest):
     cdef const char* p = base
     cdef const char* end = base + size
     cdef const char* nl
-    cdef const char* q
     cdef int verb
-    cdef int64_t key, value
+    cdef int64_t key, value = 0
     cdef list operations = []
     while p < end:
         nl = <const char*>memchr(p, c'\n', end - p)
@@ -575,24 +581,11 @@ def parseChunk(bytes data not None, Py_ssize_t maxRequest):
         if nl == p:
             p = nl + 1
             continue
-        if nl - p < 5 or p[3] != c' ':
-            break
-        verb = _verb(p)
-        if verb == _OTHER:
-            break
-        q = _parseInt(p + 4, nl, &key)
-        if q == NULL:
+        if not _parseRequest(p, nl, &verb, &key, &value):
             break
         if verb == _PUT:
-            if q == nl or q[0] != c' ':
-                break
-            q = _parseInt(q + 1, nl, &value)
-            if q != nl:
-                break
             operations.append(_newTuple(Operation, (_PUT_CODE, key, value)))
         else:
-            if q != nl:
-                break
             operations.append(_newTuple(Operation, (_GET_CODE if verb == _GET else _DELETE_CODE, key, 0)))
         p = nl + 1
     return operations, p - base
