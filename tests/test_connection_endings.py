@@ -490,7 +490,8 @@ def test_a_client_that_says_bye_and_closes_is_let_go_at_once(startServer: Callab
 def test_clients_that_never_read_are_ended_and_give_back_their_descriptor_and_slot(
     startServer: Callable[..., Server], kind: str
 ) -> None:
-    idleTimeout = 0.5
+    # Well above the flood's STALLED, as in the test below.
+    idleTimeout = 1.5
     server = startServer(kind, "--idle-timeout", str(idleTimeout))
     flood = Flood()
     # Begun first: its stall takes a moment, and the idle client must not
@@ -515,7 +516,10 @@ def test_a_client_that_reads_its_backlog_late_is_closed_once_it_has(
     close_notify or close. Either way only the abort after ``CLOSE_GRACE``
     ends the connection.
     """
-    idleTimeout = 0.5
+    # Well above the flood's STALLED: the idle timeout must not end the
+    # connection (which resumes reading, to discard) while the flood is
+    # still being sent, however slowly a loaded machine runs the client.
+    idleTimeout = 1.5
     server = startServer(kind, "--idle-timeout", str(idleTimeout))
     flood = Flood()
     try:
