@@ -367,6 +367,10 @@ def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
             s.sendall(b"\n")
             reply += s.recv(100)
         assert reply == b"OK\n" * 4
+        # A connection's set-up ran whole (KVProtocol.connectionMade reads the
+        # factory's attributes; a missing one fails it half-way, and the
+        # floor would then read 64 KiB at a time, unlike kvtwist).
+        assert "Traceback" not in server.logText(), server.logText()
     finally:
         server.stop()
 

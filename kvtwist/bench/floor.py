@@ -49,6 +49,8 @@ class FloorFactory(FactoryBase):
     idleTimeout = 0.0
     password = None
     logConnections = False
+    # No latency measured: the floor measures nothing but the read and the write.
+    timing = False
     maxRequest = DEFAULT_MAX_REQUEST
     # No store: a FloorProtocol runs no request.
     store = None
