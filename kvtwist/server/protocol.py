@@ -321,51 +321,46 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         prefix = b""
-        compiledStore = self._compiled
+        compiledStore, remotePath = self._compiled, self._remotePath
         if (
-            compiledStore is not None
-            and self._commands is _COMMANDS
-            and not self._pieces
-            and not self._closing
-            and self._pendingSince is None
-        ):
-            # The common case in memory: whole requests in the common form,
-            # run in C (kvtwist.compiled), and the replies written at once,
-            # as an in-memory store has nothing to wait for.
-            factory = self.factory
-            received = self._timeThisChunk() if self._untilTimed else 0.0
-            answered, done = compiledStore.runChunk(data, 0, factory.maxRequest, self._counts)
-            if done == len(data):
-                factory.stats.bytesIn += done
-                if answered:
-                    if self.timeOut is not None:
-                        self.resetTimeout()
-                    self._write(answered, received)
-                return
-            # The rest of the chunk (an unusual line, or an unfinished
-            # request) takes the ordinary path, after these replies.
-            factory.stats.bytesIn += done
-            prefix, data = answered, data[done:]
-        remotePath = self._remotePath
-        if (
-            remotePath is not None
-            and self._commands is _REMOTE_COMMANDS
+            (compiledStore is not None or remotePath is not None)
+            and self._commands is self._unlocked
             and not self._pieces
             and not self._closing
             and not self._awaiting
             and self._pendingSince is None
         ):
-            # The common case with a remote engine: whole requests in the
-            # common form, parsed in C into the chunk's operations. (Parsing
-            # changes nothing, so any other chunk simply takes the ordinary path.)
-            operations, done = remotePath.parseChunk(data, self.factory.maxRequest)
-            if done == len(data) and operations:
-                self.factory.stats.bytesIn += done
-                batch = Batch()
-                if self._untilTimed:
-                    batch.received = self._timeThisChunk()
-                self._askEngine(operations, None, batch)
-                return
+            # The common case: whole requests in the common form, on an
+            # authenticated connection with nothing pending, run in C
+            # (kvtwist.compiled); any other chunk takes the ordinary path.
+            factory = self.factory
+            if compiledStore is not None:
+                # In memory: run, and the replies written at once, as an
+                # in-memory store has nothing to wait for.
+                received = self._timeThisChunk() if self._untilTimed else 0.0
+                answered, done = compiledStore.runChunk(data, 0, factory.maxRequest, self._counts)
+                factory.stats.bytesIn += done
+                if done == len(data):
+                    if answered:
+                        if self.timeOut is not None:
+                            self.resetTimeout()
+                        self._write(answered, received)
+                    return
+                # The rest of the chunk (an unusual line, or an unfinished
+                # request) takes the ordinary path, after these replies.
+                prefix, data = answered, data[done:]
+            elif remotePath is not None:
+                # With a remote engine: parsed into the chunk's operations.
+                # (Parsing changes nothing, so a chunk it cannot take whole
+                # simply takes the ordinary path.)
+                operations, done = remotePath.parseChunk(data, factory.maxRequest)
+                if done == len(data) and operations:
+                    factory.stats.bytesIn += done
+                    batch = Batch()
+                    if self._untilTimed:
+                        batch.received = self._timeThisChunk()
+                    self._askEngine(operations, None, batch)
+                    return
         if self._closing:
             return
         if self._awaiting:
