@@ -196,6 +196,12 @@ cdef inline bint _parseRequest(
     return q == nl
 
 
+cdef inline char* _copy(char* out, const char* text, Py_ssize_t size) noexcept nogil:
+    """Write one of the fixed reply lines at ``out``; return the byte after it."""
+    memcpy(out, text, size)
+    return out + size
+
+
 cdef inline char* _formatInt(char* out, int64_t value) noexcept nogil:
     """Write ``value`` in canonical decimal and a LF at ``out``; return the byte after them."""
     cdef char digits[20]
@@ -520,29 +526,24 @@ cdef class CompiledStore:
                     o = _formatInt(o, value)
                     tally[_GOT] += 1
                 else:
-                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    o += _NOT_FOUND_LEN
+                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
                     tally[_GOT_NONE] += 1
             elif verb == _PUT:
                 stored = self._tryPut(key, value)
                 if stored == 1:
-                    memcpy(o, _OK, _OK_LEN)
-                    o += _OK_LEN
+                    o = _copy(o, _OK, _OK_LEN)
                     tally[_STORED] += 1
                 elif stored == 0:
-                    memcpy(o, _EXISTS, _EXISTS_LEN)
-                    o += _EXISTS_LEN
+                    o = _copy(o, _EXISTS, _EXISTS_LEN)
                     tally[_EXISTED] += 1
                 else:
                     break
             else:
                 if self._remove(key):
-                    memcpy(o, _OK, _OK_LEN)
-                    o += _OK_LEN
+                    o = _copy(o, _OK, _OK_LEN)
                     tally[_DELETED] += 1
                 else:
-                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    o += _NOT_FOUND_LEN
+                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
                     tally[_DELETED_NONE] += 1
             p = nl + 1
         reply[0] = o
@@ -625,8 +626,7 @@ def formatOutcomes(list operations not None, list outcomes not None, list counts
             outcome = outcomes[i]
             if command == _GET_CODE:
                 if outcome is None:
-                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    o += _NOT_FOUND_LEN
+                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
                     tally[_GOT_NONE] += 1
                 else:
                     value = outcome
@@ -634,21 +634,17 @@ def formatOutcomes(list operations not None, list outcomes not None, list counts
                     tally[_GOT] += 1
             elif command == _PUT_CODE:
                 if outcome is True:
-                    memcpy(o, _OK, _OK_LEN)
-                    o += _OK_LEN
+                    o = _copy(o, _OK, _OK_LEN)
                     tally[_STORED] += 1
                 else:
-                    memcpy(o, _EXISTS, _EXISTS_LEN)
-                    o += _EXISTS_LEN
+                    o = _copy(o, _EXISTS, _EXISTS_LEN)
                     tally[_EXISTED] += 1
             else:
                 if outcome is True:
-                    memcpy(o, _OK, _OK_LEN)
-                    o += _OK_LEN
+                    o = _copy(o, _OK, _OK_LEN)
                     tally[_DELETED] += 1
                 else:
-                    memcpy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    o += _NOT_FOUND_LEN
+                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
                     tally[_DELETED_NONE] += 1
         replies = PyBytes_FromStringAndSize(out, o - out)
     finally:
