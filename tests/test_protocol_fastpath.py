@@ -23,6 +23,20 @@ from kvtwist.server.protocol import READ_SIZE, KVProtocol
 from kvtwist.storage.memory import MemoryStore
 
 
+def waiting(sock: socket.socket) -> bytes:
+    """Everything ``sock`` has received so far, without waiting for more."""
+    sock.setblocking(False)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 class Pair:
     def __init__(self, sndbuf: int | None = None) -> None:
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -42,16 +56,7 @@ class Pair:
         return self.transport in self.reactor.getWriters()
 
     def received(self) -> bytes:
-        self.client.setblocking(False)
-        data = b""
-        while True:
-            try:
-                chunk = self.client.recv(1 << 16)
-            except BlockingIOError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
+        return waiting(self.client)
 
     def close(self) -> None:
         self.client.close()
@@ -175,16 +180,7 @@ class ClientPair:
         return self.transport in self.reactor.getWriters()
 
     def received(self) -> bytes:
-        self.server.setblocking(False)
-        data = b""
-        while True:
-            try:
-                chunk = self.server.recv(1 << 16)
-            except BlockingIOError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
+        return waiting(self.server)
 
     def close(self) -> None:
         self.server.close()
