@@ -120,17 +120,37 @@ def _freePort() -> int:
         return s.getsockname()[1]
 
 
-def _waitForPing(server: Server, timeout: float = 10.0) -> bool:
+def _waitForAnswer(server: Server, request: bytes, answered: Callable[[bytes], bool], timeout: float) -> bool:
+    """Whether ``server`` answers ``request`` (on a new connection each try) as ``answered`` wants, in time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and server.proc.poll() is None:
         try:
             with socket.create_connection((HOST, server.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
+                s.sendall(request)
+                if answered(s.recv(4096)):
                     return True
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     return False
+
+
+def _startOnFreePort(
+    kind: str, proto: str, workdir: Path, argvFor: Callable[[int], list[str]], request: bytes,
+    answered: Callable[[bytes], bool], timeout: float,
+) -> Server:
+    """
+    A server that cannot listen on port 0 and report it (Redis, etcd): on a
+    free port picked here, retried, since another process may take it first.
+    """
+    for _ in range(5):
+        port = _freePort()
+        server = Server(kind, proto, port, _spawn(argvFor(port), workdir), workdir)
+        if _waitForAnswer(server, request, answered, timeout):
+            return server
+        server.proc.kill()
+        server.proc.wait()
+    raise ServerError(f"{kind} did not start:\n{server.logText()}")
 
 
 @dataclass(frozen=True)
@@ -277,55 +297,36 @@ def _startRedis(kind: str, options: Options, workdir: Path) -> Server:
         if kind == "redis-always"
         else ["--appendonly", "no"]
     )
-    for _ in range(5):
-        # Redis cannot listen on port 0 and report it, so pick a free port;
-        # another process may take it first, hence the retries.
-        port = _freePort()
-        argv = [
-            options.redis, "--bind", HOST, "--port", str(port), "--save", "",
+    redis = options.redis
+
+    def argvFor(port: int) -> list[str]:
+        return [
+            redis, "--bind", HOST, "--port", str(port), "--save", "",
             "--dir", str(workdir), "--maxclients", str(MAX_CONNECTIONS),
             "--daemonize", "no", "--protected-mode", "no", *persistence,
         ]
-        server = Server(kind, "redis", port, _spawn(argv, workdir), workdir)
-        if _waitForPing(server):
-            return server
-        server.proc.kill()
-        server.proc.wait()
-    raise ServerError(f"redis-server did not start:\n{server.logText()}")
+
+    return _startOnFreePort(kind, "redis", workdir, argvFor, b"PING\r\n", lambda reply: reply.startswith(b"+PONG"), 10.0)
 
 
 def _startEtcd(kind: str, options: Options, workdir: Path) -> Server:
     """One etcd member, alone: the engine of the kvtwist-etcd kind."""
     if options.etcd is None:
         raise ServerError("etcd is not installed")
-    for _ in range(5):
-        port, peer = _freePort(), _freePort()
-        argv = [
-            options.etcd, "--name", "bench", "--data-dir", str(workdir / "etcd"),
+    etcd = options.etcd
+
+    def argvFor(port: int) -> list[str]:
+        peer = _freePort()
+        return [
+            etcd, "--name", "bench", "--data-dir", str(workdir / "etcd"),
             "--listen-client-urls", f"http://{HOST}:{port}", "--advertise-client-urls", f"http://{HOST}:{port}",
             "--listen-peer-urls", f"http://{HOST}:{peer}", "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
             "--initial-cluster", f"bench=http://{HOST}:{peer}",
         ]
-        server = Server(kind, "etcd", port, _spawn(argv, workdir), workdir)
-        if _waitForEtcd(server):
-            return server
-        server.proc.kill()
-        server.proc.wait()
-    raise ServerError(f"etcd did not start:\n{server.logText()}")
 
-
-def _waitForEtcd(server: Server, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.proc.poll() is None:
-        try:
-            with socket.create_connection((HOST, server.port), timeout=1) as s:
-                s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                if b'"health":"true"' in s.recv(4096):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+    return _startOnFreePort(
+        kind, "etcd", workdir, argvFor, b"GET /health HTTP/1.0\r\n\r\n", lambda reply: b'"health":"true"' in reply, 20.0
+    )
 
 
 def _startCserver(kind: str, options: Options, workdir: Path) -> Server:
