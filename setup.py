@@ -1,8 +1,8 @@
 """
-The optional C extension, kvtwist.compiled._chunk; every other piece of
-metadata is in setup.cfg.
+The optional C extensions, kvtwist.compiled._chunk and
+kvtwist.compiled._resp; every other piece of metadata is in setup.cfg.
 
-The extension is built on CPython when Cython and a C compiler are there.
+The extensions are built on CPython when Cython and a C compiler are there.
 Anywhere else (PyPy, no compiler, a failed build) kvtwist installs as pure
 Python and the server runs its Python path, with a warning at build time.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-_SOURCE = os.path.join("kvtwist", "compiled", "_chunk.pyx")
+_MODULES = ["_chunk", "_resp"]
 
 
 class OptionalBuildExt(build_ext):
@@ -47,7 +47,7 @@ class OptionalBuildExt(build_ext):
 
 
 def _extensions() -> list[Any]:
-    """The extension to build here, or none (PyPy, or no Cython)."""
+    """The extensions to build here, or none (PyPy, or no Cython)."""
     if platform.python_implementation() != "CPython":
         return []
     try:
@@ -57,13 +57,15 @@ def _extensions() -> list[Any]:
         return []
     from setuptools import Extension
 
-    extension = Extension("kvtwist.compiled._chunk", [_SOURCE])
-    try:
-        return cythonize([extension], language_level=3, quiet=True)
-    except Exception as e:
-        sys.stderr.write(f"WARNING: could not translate {_SOURCE} with Cython ({e}); kvtwist is installed "
-                         "without its compiled path.\n")
-        return []
+    extensions = []
+    for module in _MODULES:
+        source = os.path.join("kvtwist", "compiled", module + ".pyx")
+        try:
+            extensions += cythonize([Extension("kvtwist.compiled." + module, [source])], language_level=3, quiet=True)
+        except Exception as e:
+            sys.stderr.write(f"WARNING: could not translate {source} with Cython ({e}); kvtwist is installed "
+                             "without that part of its compiled path.\n")
+    return extensions
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

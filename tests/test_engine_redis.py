@@ -29,7 +29,9 @@ from twisted.application.service import IService
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from kvtwist.compiled import respPath
 from kvtwist.engines import EngineOptions, EngineURLError, openEngine
+from kvtwist.engines import redis as redisEngine
 from kvtwist.engines.redis import CommandEncoder, RedisStore, commandFor
 from kvtwist.engines.redisnode import encodeCommands
 from kvtwist.storage.interface import (
@@ -216,6 +218,25 @@ class SemanticsTests(EngineTestCase):
         await sleep(0.5)
         self.assertEqual(len(logs.matching("unavailable")), 1, logs.lines)
         self.assertNotIn("wrong", " ".join(logs.lines).replace("WRONGPASS", ""))
+
+
+class PythonPathSemanticsTests(SemanticsTests):
+    """The same, on the Python path alone (where the compiled RESP path is built, the tests above take it)."""
+
+    def setUp(self) -> None:
+        self.patch(redisEngine, "respPath", None)
+
+    async def test_theStoreTakesThePythonPath(self) -> None:
+        server = self.redis()
+        store = await self.store(f"redis://127.0.0.1:{server.port}")
+        self.assertIsNone(store.compiled)
+
+
+class CompiledPathTests(EngineTestCase):
+    async def test_theStoreTakesTheCompiledPathWhereItIsBuilt(self) -> None:
+        server = self.redis()
+        store = await self.store(f"redis://127.0.0.1:{server.port}")
+        self.assertIs(store.compiled, respPath)
 
 
 class FaultTests(EngineTestCase):

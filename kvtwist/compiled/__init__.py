@@ -3,13 +3,16 @@ The compiled path: ``CompiledStore``, the in-memory store as a C hash map,
 whose ``runChunk`` runs a received chunk's common requests at C level;
 and for a remote engine, ``remotePath``: its ``parseChunk`` turns a chunk
 into operations, and its ``formatOutcomes`` the engine's answers into
-replies, also at C level.
+replies, also at C level; and for Redis, ``respPath``: its
+``encodeCommands`` writes a chunk's commands, and its ``decodeOutcomes``
+reads Redis's replies to them, at C level too.
 
 It exists only where the optional extension was built (CPython with a C
-compiler). ``CompiledStore`` and ``remotePath`` are None otherwise, or when the environment
+compiler). ``CompiledStore``, ``remotePath`` and ``respPath`` are None otherwise, or when the environment
 sets ``KVTWIST_PURE=1`` to compare both paths in one tree, and
 ``unavailable`` then says why. The pure-Python path (``MemoryStore`` and
-the protocol's own parser) is the reference and works everywhere.
+the protocol's own parser, the Redis engine's encoder) is the reference
+and works everywhere.
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ if TYPE_CHECKING:
 CompiledStore: type[_CompiledStore] | None
 # The remote engines' path: parseChunk and formatOutcomes, or None.
 remotePath: ModuleType | None
+# The Redis engine's path: encodeCommands and decodeOutcomes, or None.
+respPath: ModuleType | None
 # Why there is no compiled path (None when there is one).
 unavailable: str | None
 
 if os.environ.get("KVTWIST_PURE") == "1":
-    CompiledStore, remotePath, unavailable = None, None, "disabled by KVTWIST_PURE=1"
+    CompiledStore, remotePath, respPath, unavailable = None, None, None, "disabled by KVTWIST_PURE=1"
 else:
     try:
         from kvtwist.compiled._chunk import CompiledStore
         from kvtwist.compiled import _chunk as remotePath
+        from kvtwist.compiled import _resp as respPath
     except ImportError as e:
-        CompiledStore, remotePath, unavailable = None, None, f"the extension is not built ({e})"
+        CompiledStore, remotePath, respPath, unavailable = None, None, None, f"the extension is not built ({e})"
     else:
         unavailable = None

@@ -19,6 +19,8 @@ from libc.string cimport memchr, memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
+from kvtwist.compiled._int64 cimport _formatInt, _parseInt
+
 from kvtwist.server import stats as _stats
 from kvtwist.storage.interface import DELETE, GET, PUT, Operation, StoreFull
 
@@ -64,9 +66,6 @@ cdef enum:
     # "get 1\n", is 6 bytes, and the longest reply 21
     # ("-999999999999999999\n"; "Key already exists\n" is 19).
     _REPLY_PER_BYTE = 4
-    # Digits of the longest int64 (without leading zeros beyond these);
-    # longer numbers go to the Python path.
-    _MAX_DIGITS = 19
     # runChunk keeps its reply buffer between calls up to this size, which
     # a chunk of one 4 KiB read never needs; a bigger one is freed at once.
     _KEPT_REPLY_BYTES = 65536
@@ -121,40 +120,6 @@ cdef int _resizeTable(Table* table, uint64_t slots, uint64_t salt) noexcept nogi
     return 0
 
 
-cdef inline const char* _parseInt(const char* p, const char* end, int64_t* out) noexcept nogil:
-    """
-    Parse an optional '-' and 1 to 19 ASCII digits at ``p`` that make a
-    signed 64-bit integer; return the first byte after them, or NULL when
-    that is not a number of the common form (the Python path judges it,
-    and refuses one out of range).
-    """
-    cdef bint negative = False
-    # 19 digits always fit 64 unsigned bits; the range is checked after.
-    cdef uint64_t magnitude = 0
-    cdef const char* first
-    if p < end and p[0] == c'-':
-        negative = True
-        p += 1
-    first = p
-    while p < end and c'0' <= p[0] <= c'9':
-        if p - first == _MAX_DIGITS:
-            return NULL
-        magnitude = magnitude * 10 + <uint64_t>(p[0] - c'0')
-        p += 1
-    if p == first:
-        return NULL
-    if negative:
-        if magnitude > <uint64_t>9223372036854775808ULL:
-            return NULL
-        # Two's complement: the negation of 2**63 is INT64_MIN itself.
-        out[0] = <int64_t>(<uint64_t>0 - magnitude)
-    else:
-        if magnitude > <uint64_t>9223372036854775807ULL:
-            return NULL
-        out[0] = <int64_t>magnitude
-    return p
-
-
 cdef enum:
     _OTHER
     _PUT
@@ -200,32 +165,6 @@ cdef inline char* _copy(char* out, const char* text, Py_ssize_t size) noexcept n
     """Write one of the fixed reply lines at ``out``; return the byte after it."""
     memcpy(out, text, size)
     return out + size
-
-
-cdef inline char* _formatInt(char* out, int64_t value) noexcept nogil:
-    """Write ``value`` in canonical decimal and a LF at ``out``; return the byte after them."""
-    cdef char digits[20]
-    cdef int n = 0
-    cdef uint64_t magnitude
-    if value < 0:
-        out[0] = c'-'
-        out += 1
-        # Negating in unsigned arithmetic is defined for INT64_MIN too.
-        magnitude = 0 - <uint64_t>value
-    else:
-        magnitude = <uint64_t>value
-    while True:
-        digits[n] = <char>(c'0' + magnitude % 10)
-        n += 1
-        magnitude //= 10
-        if magnitude == 0:
-            break
-    while n > 0:
-        n -= 1
-        out[0] = digits[n]
-        out += 1
-    out[0] = c'\n'
-    return out + 1
 
 
 cdef class CompiledStore:
@@ -557,7 +496,27 @@ cdef class CompiledStore:
 cdef object _PUT_CODE = PUT
 cdef object _GET_CODE = GET
 cdef object _DELETE_CODE = DELETE
-cdef object _newTuple = tuple.__new__
+cdef object _ZERO = 0
+cdef object _OPERATION = Operation
+
+cdef extern from *:
+    """
+    /* An Operation (a tuple subclass) made as tuple.__new__ makes one, without the argument tuple. */
+    static PyObject* kvtwist_newOperation(PyObject* type, PyObject* command, PyObject* key, PyObject* value) {
+        PyObject* operation = ((PyTypeObject*)type)->tp_alloc((PyTypeObject*)type, 3);
+        if (operation == NULL) {
+            return NULL;
+        }
+        Py_INCREF(command);
+        PyTuple_SET_ITEM(operation, 0, command);
+        Py_INCREF(key);
+        PyTuple_SET_ITEM(operation, 1, key);
+        Py_INCREF(value);
+        PyTuple_SET_ITEM(operation, 2, value);
+        return operation;
+    }
+    """
+    object _newOperation "kvtwist_newOperation" (object type, object command, object key, object value)
 
 
 def parseChunk(bytes data not None, Py_ssize_t maxRequest):
@@ -585,9 +544,9 @@ def parseChunk(bytes data not None, Py_ssize_t maxRequest):
         if not _parseRequest(p, nl, &verb, &key, &value):
             break
         if verb == _PUT:
-            operations.append(_newTuple(Operation, (_PUT_CODE, key, value)))
+            operations.append(_newOperation(_OPERATION, _PUT_CODE, key, value))
         else:
-            operations.append(_newTuple(Operation, (_GET_CODE if verb == _GET else _DELETE_CODE, key, 0)))
+            operations.append(_newOperation(_OPERATION, _GET_CODE if verb == _GET else _DELETE_CODE, key, _ZERO))
         p = nl + 1
     return operations, p - base
 

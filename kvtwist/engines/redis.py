@@ -5,8 +5,10 @@ The Redis engine: ``--store redis://[[USER]:PASSWORD@]HOST:PORT[/DB]``, or
 Each request is one atomic Redis command on the key ``<prefix><key>``:
 ``put`` is ``SET key value NX``, ``get`` is ``GET``, ``del`` is ``DEL``;
 values are canonical decimal strings. A chunk's commands go to Redis in one
-pipelined write, so a chunk costs one round trip; they are encoded straight
-from per-command templates (``CommandEncoder``), not argument by argument.
+pipelined write, so a chunk costs one round trip. Where the compiled path
+is built (``kvtwist.compiled.respPath``), a chunk's commands are written
+and its replies read at C level; the Python functions here are the
+reference, and judge every reply the compiled path is not sure about.
 
 TLS is verified against the platform's trusted CAs, or against the
 certificates in ``?ca=PATH`` (a PEM file, for a self-signed server). A
@@ -18,12 +20,15 @@ may be percent-encoded, and never appears in the logs.
 from __future__ import annotations
 
 import re
+from functools import partial
+from types import ModuleType
 from typing import Any, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
+from kvtwist.compiled import respPath
 from kvtwist.engines import EngineOptions, EngineURLError
 from kvtwist.engines.redisnode import RedisNode, ReplyError
 from kvtwist.storage.interface import (
@@ -47,12 +52,24 @@ _DB = re.compile(r"[0-9]{1,9}")
 class RedisStore(Service):
     """An ``IRemoteStore`` whose data lives in one Redis server (or a replicated primary)."""
 
-    def __init__(self, node: RedisNode, stats: EngineStats, description: str, keyPrefix: str) -> None:
+    def __init__(
+        self,
+        node: RedisNode,
+        stats: EngineStats,
+        description: str,
+        keyPrefix: str,
+        *,
+        compiled: ModuleType | None,
+    ) -> None:
+        """``compiled`` is ``kvtwist.compiled.respPath``, or None for the Python path alone."""
         self.node = node
         # Shared with the node, which records latency and unavailability in it.
         self.stats = stats
         self._description = description
-        self._encoder = CommandEncoder(keyPrefix.encode())
+        self._prefix = keyPrefix.encode()
+        self._encoder = CommandEncoder(self._prefix)
+        # The compiled RESP path this store takes, or None.
+        self.compiled = compiled
 
     def startService(self) -> None:
         super().startService()
@@ -68,10 +85,19 @@ class RedisStore(Service):
     def execute(self, operations: Sequence[Operation]) -> Deferred[list[Outcome]]:
         """Run the chunk as one pipeline of one command per operation; see ``IRemoteStore``."""
         self.stats.operations += len(operations)
-        pipeline = b"".join(self._encoder.encode(operations))
-        return self.node.sendEncoded(pipeline, len(operations)).addCallback(self._outcomes, operations)
+        compiled = self.compiled
+        if compiled is not None:
+            pipeline = compiled.encodeCommands(operations, self._prefix)
+        else:
+            pipeline = b"".join(self._encoder.encode(operations))
+        return self.node.sendEncoded(pipeline, len(operations), partial(self._outcomes, operations))
 
-    def _outcomes(self, replies: list[object], operations: Sequence[Operation]) -> list[Outcome]:
+    def _outcomes(self, operations: Sequence[Operation], replies: list[object]) -> list[Outcome]:
+        compiled = self.compiled
+        if compiled is not None:
+            outcomes: list[Outcome] | None = compiled.decodeOutcomes(operations, replies)
+            if outcomes is not None:
+                return outcomes
         stats = self.stats
         return [outcomeOf(operation, reply, stats) for operation, reply in zip(operations, replies)]
 
@@ -213,7 +239,7 @@ def fromURL(url: str, options: EngineOptions, reactor: Any) -> RedisStore:
     tlsOptions = _tlsOptions(url, hostname, query.get("ca"), query.get("cert")) if tls else None
     stats = EngineStats()
     node = RedisNode(hostname, port, options, reactor, stats, db=db, username=username, password=password, tlsOptions=tlsOptions)
-    return RedisStore(node, stats, _redacted(url), options.keyPrefix)
+    return RedisStore(node, stats, _redacted(url), options.keyPrefix, compiled=respPath)
 
 
 def _redacted(url: str) -> str:

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from kvtwist.engines import EngineOptions, EngineURLError
 from kvtwist.engines.redis import CommandEncoder, outcomeOf
-from kvtwist.engines.redisnode import RedisNode, ReplyError, encodeCommands
+from kvtwist.engines.redisnode import RedisNode, ReplyError, asIs, encodeCommands
 from kvtwist.storage.interface import TIMED_OUT, EngineStats, Operation, Outcome, StoreUnavailable
 
 SLOTS = 16384
@@ -232,7 +232,7 @@ class _Chunk:
             store._refreshSoon()
         for node, (groupIndices, groupCommands) in groups.items():
             self.waiting += 1
-            node.sendEncoded(b"".join(groupCommands), len(groupCommands)).addCallback(self._answered, groupIndices)
+            node.sendEncoded(b"".join(groupCommands), len(groupCommands), asIs).addCallback(self._answered, groupIndices)
         if not self.waiting:
             self._finish()
 

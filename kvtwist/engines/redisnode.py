@@ -26,12 +26,12 @@ from __future__ import annotations
 import random
 from collections import deque
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import hiredis
 from twisted.application.service import Service
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -55,6 +55,8 @@ _SHORT_LIVED = 1.0
 _SLACK = 1e-6
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 
 class ReplyError(Exception):
@@ -96,17 +98,23 @@ def describeFailure(failure: Failure) -> str:
     return text.splitlines()[0] if text else type(value).__name__
 
 
+def asIs(results: list[object]) -> list[object]:
+    """The ``decode`` of a send whose caller takes the results as they are."""
+    return results
+
+
 class _Send:
-    """One ``send``: its commands' results so far, and the Deferred that delivers all of them."""
+    """One ``send``: its commands' results so far, and the Deferred that delivers all of them, decoded."""
 
-    __slots__ = ("size", "results", "received", "deferred", "started", "written", "done")
+    __slots__ = ("size", "results", "received", "deferred", "decode", "started", "written", "done")
 
-    def __init__(self, size: int, deferred: Deferred[list[object]], started: float) -> None:
+    def __init__(self, size: int, decode: Callable[[list[object]], Any], started: float) -> None:
         self.size = size
         self.results: list[object] = []
         # Replies consumed from the connection, including any after the timeout.
         self.received = 0
-        self.deferred = deferred
+        self.deferred: Deferred[Any] = Deferred()
+        self.decode = decode
         self.started = started
         self.written = 0.0
         self.done = False
@@ -483,24 +491,27 @@ class RedisNode(Service):
         written; StoreUnavailable(OVERLOADED) when more than
         options.maxPending commands are already waiting on this node.
         """
-        return self.sendEncoded(encodeCommands(commands), len(commands))
+        return self.sendEncoded(encodeCommands(commands), len(commands), asIs)
 
-    def sendEncoded(self, pipeline: bytes, size: int) -> Deferred[list[object]]:
+    def sendEncoded(self, pipeline: bytes, size: int, decode: Callable[[list[object]], _T]) -> Deferred[_T]:
         """
         ``send`` for commands already encoded: ``pipeline`` is ``size``
         complete RESP commands back to back, as ``encodeCommands`` makes
-        them. For callers that encode from templates, with the same promise.
+        them. The Deferred fires with ``decode(results)`` instead of the
+        results (``asIs`` for the results themselves), so that a caller that
+        turns replies into answers needs no callback of its own; it fails
+        only if ``decode`` raises.
         """
         if not size:
-            return succeed([])
+            return self._decoded([], decode)
         if not self.running:
-            return succeed([StoreUnavailable("store is not running")] * size)
+            return self._decoded([StoreUnavailable("store is not running")] * size, decode)
         if self._pending + size > self._options.maxPending:
-            return succeed([StoreUnavailable(OVERLOADED)] * size)
+            return self._decoded([StoreUnavailable(OVERLOADED)] * size, decode)
         ready = self._ready
         if not ready and self._failure is not None:
-            return succeed([StoreUnavailable(self._failure)] * size)
-        send = _Send(size, Deferred(), self._reactor.seconds())
+            return self._decoded([StoreUnavailable(self._failure)] * size, decode)
+        send = _Send(size, decode, self._reactor.seconds())
         self._pending += size
         self._live += 1
         if self._clock is None:
@@ -510,6 +521,13 @@ class RedisNode(Service):
         else:
             self._waiting.append((send, pipeline))
         return send.deferred
+
+    @staticmethod
+    def _decoded(results: list[object], decode: Callable[[list[object]], _T]) -> Deferred[_T]:
+        """A send answered at once, without reaching the server."""
+        d: Deferred[_T] = Deferred()
+        _fire(d, decode, results)
+        return d
 
     def _leastBusy(self) -> _RedisProtocol:
         ready = self._ready
@@ -543,7 +561,7 @@ class RedisNode(Service):
             results = results + [StoreUnavailable(failure)] * (send.size - len(results))
         send.results = []
         self._live -= 1
-        send.deferred.callback(results)
+        _fire(send.deferred, send.decode, results)
         if not self._live and self._drained:
             drained, self._drained = self._drained, []
             for d in drained:
@@ -631,3 +649,13 @@ class RedisNode(Service):
         # Last: the sends' callbacks may run a caller that looks at the state above.
         self._failWaiting(reason)
 
+
+
+def _fire(d: Deferred[_T], decode: Callable[[list[object]], _T], results: list[object]) -> None:
+    """Fire ``d`` with ``decode(results)``, or with the failure if decode raises."""
+    try:
+        decoded = decode(results)
+    except BaseException:
+        d.errback(Failure())
+    else:
+        d.callback(decoded)

@@ -614,15 +614,26 @@ class KVProtocol(Protocol, TimeoutMixin):
         self._awaiting = True
         if self.timeOut is not None:
             self.resetTimeout()
-        # The errback also catches a failure of _engineAnswered itself, so
-        # that a bug ends the connection rather than leave it waiting.
-        remote.execute(operations).addCallback(self._engineAnswered, operations, replies, batch).addErrback(
-            self._engineBroke
+        # One callback and its errback: the chunk's whole cost in Deferreds.
+        remote.execute(operations).addCallbacks(
+            self._engineAnswered, self._engineBroke, callbackArgs=(operations, replies, batch)
         )
 
     def _engineAnswered(
         self, outcomes: list[Outcome], operations: list[Operation], replies: list[bytes] | None, batch: Batch
     ) -> None:
+        try:
+            self._answer(outcomes, operations, replies, batch)
+        except BaseException:
+            # A bug here ends the connection rather than leave it waiting.
+            self._engineBroke(Failure())
+
+    def _answer(
+        self, outcomes: list[Outcome], operations: list[Operation], replies: list[bytes] | None, batch: Batch
+    ) -> None:
+        """Send the replies to a chunk the engine has answered, and go on with what waited for them."""
+        if len(outcomes) != len(operations):
+            raise ValueError(f"the store gave {len(outcomes)} outcomes for {len(operations)} operations")
         self._awaiting = False
         if self._lost:
             return
@@ -682,9 +693,13 @@ class KVProtocol(Protocol, TimeoutMixin):
             if outcome is None:
                 self._counts[S.GET_NOT_FOUND] += 1
                 return NOT_FOUND
+            if type(outcome) is not int:
+                raise TypeError(f"the store answered get with {outcome!r}")
             self._counts[S.GET_FOUND] += 1
             return b"%d\n" % outcome
-        reply, kind = _ANSWERS[command, bool(outcome)]
+        if outcome is not True and outcome is not False:
+            raise TypeError(f"the store answered {_VERBS[command]} with {outcome!r}")
+        reply, kind = _ANSWERS[command, outcome]
         self._counts[kind] += 1
         return reply
 
