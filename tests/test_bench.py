@@ -375,6 +375,29 @@ def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("kind", ["twisted-floor-always", "twisted-floor-always-thread"])
+def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync(kind: str) -> None:
+    server = servers.start(kind, servers.Options())
+    try:
+        journal = server.workdir / "journal"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"get 1\n")
+            assert s.recv(100) == b"OK\n"
+            assert journal.stat().st_size == 0
+            s.sendall(b"put 2 3\nget 2\ndel 2\n")
+            reply = b""
+            while reply.count(b"\n") < 3:
+                chunk = s.recv(100)
+                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.logText()}"
+                reply += chunk
+        assert reply == b"OK\n" * 3
+        # One 21-byte record for the put and one for the del.
+        assert journal.stat().st_size == 42
+        assert "Traceback" not in server.logText(), server.logText()
+    finally:
+        server.stop()
+
+
 # End to end
 
 

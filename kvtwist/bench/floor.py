@@ -9,16 +9,27 @@ so no kvtwist, however fast its own code, can serve more than it does. The
 harness measures it in the same rounds as kvtwist and Redis, which turns
 "this target is out of reach" into a figure (docs/performance.md).
 
-Run on its own: ``python -m kvtwist.bench.floor [ENDPOINT]``; it prints the
-port it listens on.
+``DurableFloorProtocol`` is the floor of ``--fsync always``: the same,
+plus what the durable store cannot do without. A chunk with a ``put`` or
+``del`` in it writes one 21-byte record per such line to a journal file
+(one ``write`` for the chunk), and its replies wait for the group fsync
+that ends the reactor turn, in the reactor, as kvtwist's does on a fast
+disk (or, with ``--fsync-in-thread``, in Twisted's thread pool, as
+kvtwist's does on a slow one, the reactor going on meanwhile); chunks of
+reads leave at once. It checks nothing and tracks no key, so it is faster
+than any journaled store built on this loop could be.
+
+Run on its own: ``python -m kvtwist.bench.floor [ENDPOINT] [--journal PATH
+[--fsync-in-thread]]``; it prints the port it listens on.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
 from typing import Any
 
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints, task, threads
 
 # All the floor takes from kvtwist: a connection's set-up, which reads only
 # the attributes of FloorFactory below, and its reply path, entered as
@@ -31,6 +42,8 @@ from kvtwist.storage.interface import Batch
 
 DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
 OK = b"OK\n"
+# The size of one journal record (kvtwist.storage.journal).
+RECORD = b"\0" * 21
 
 
 class FloorProtocol(KVProtocol):
@@ -62,9 +75,72 @@ class FloorFactory(FactoryBase):
         self.stats = ServerStats()
 
 
+class DurableFloorProtocol(FloorProtocol):
+    """The floor with a journal: writes are appended, and their replies wait for the turn's fsync."""
+
+    factory: DurableFloorFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        count = data.count(b"\n")
+        if not count:
+            return
+        writes = data.count(b"put") + data.count(b"del")
+        if writes:
+            self.factory.journal(self, Batch(OK * count), writes)
+        else:
+            self.sendReplies(Batch(OK * count))
+
+
+class DurableFloorFactory(FloorFactory):
+    """The floor's factory, with the journal file and the group fsync that all connections share."""
+
+    protocol = DurableFloorProtocol
+
+    def __init__(self, reactor: Any, journalPath: str, inThread: bool = False) -> None:
+        super().__init__(reactor)
+        self._fd = os.open(journalPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._inThread = inThread
+        # Replies whose records no fsync has yet been started for.
+        self._held: list[tuple[FloorProtocol, Batch]] = []
+        self._scheduled = False
+        self._syncing = False
+
+    def journal(self, protocol: FloorProtocol, batch: Batch, records: int) -> None:
+        """Append ``records`` records; ``batch`` leaves after the next fsync that starts."""
+        os.write(self._fd, RECORD * records)
+        self._held.append((protocol, batch))
+        if not self._scheduled and not self._syncing:
+            self._scheduled = True
+            self.reactor.callLater(0, self._commit)
+
+    def _commit(self) -> None:
+        self._scheduled = False
+        covered, self._held = self._held, []
+        if not self._inThread:
+            os.fdatasync(self._fd)
+            self._release(covered)
+            return
+        self._syncing = True
+        threads.deferToThread(os.fdatasync, self._fd).addCallback(lambda _: self._synced(covered))
+
+    def _synced(self, covered: list[tuple[FloorProtocol, Batch]]) -> None:
+        self._syncing = False
+        self._release(covered)
+        # Writes made during the fsync wait for the next one.
+        if self._held:
+            self._commit()
+
+    @staticmethod
+    def _release(covered: list[tuple[FloorProtocol, Batch]]) -> None:
+        for protocol, batch in covered:
+            protocol.sendReplies(batch)
+
+
 @defer.inlineCallbacks
-def serve(reactor: Any, description: str = DEFAULT_ENDPOINT) -> Any:
-    factory = FloorFactory(reactor)
+def serve(
+    reactor: Any, description: str = DEFAULT_ENDPOINT, journalPath: str | None = None, inThread: bool = False
+) -> Any:
+    factory = FloorFactory(reactor) if journalPath is None else DurableFloorFactory(reactor, journalPath, inThread)
     port = yield endpoints.serverFromString(reactor, description).listen(factory)
     print(f"floor listening on port {port.getHost().port}", flush=True)
     # Serve until the process is stopped.
@@ -72,7 +148,14 @@ def serve(reactor: Any, description: str = DEFAULT_ENDPOINT) -> Any:
 
 
 def main() -> None:
-    task.react(serve, sys.argv[1:2])
+    parser = argparse.ArgumentParser(prog="python -m kvtwist.bench.floor", description="The floor under kvtwist's speed.")
+    parser.add_argument("endpoint", nargs="?", default=DEFAULT_ENDPOINT, help="where to listen (a server endpoint)")
+    parser.add_argument("--journal", metavar="PATH", help="the floor of --fsync always: journal writes to PATH")
+    parser.add_argument("--fsync-in-thread", action="store_true", help="with --journal, fsync in a thread")
+    options = parser.parse_args()
+    if options.fsync_in_thread and options.journal is None:
+        parser.error("--fsync-in-thread needs --journal")
+    task.react(serve, (options.endpoint, options.journal, options.fsync_in_thread))
 
 
 if __name__ == "__main__":

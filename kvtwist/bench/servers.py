@@ -286,6 +286,10 @@ def _startPlainKvtwist(kind: str, options: Options, workdir: Path, store: list[s
 
 def _startFloor(kind: str, options: Options, workdir: Path) -> Server:
     argv = [_python(kind, options), "-m", "kvtwist.bench.floor", f"tcp:0:interface={HOST}"]
+    if "-always" in kind:
+        argv += ["--journal", str(workdir / "journal")]
+    if kind.endswith("-thread"):
+        argv.append("--fsync-in-thread")
     return _startAndWaitForLog(kind, argv, workdir, _FLOOR_LISTENING, _pythonEnv(kind, options, workdir))
 
 
@@ -355,6 +359,11 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     # kvtwist's connection handling without its work (kvtwist.bench.floor).
     "twisted-floor": _startFloor,
     "twisted-floor-pypy": _startFloor,
+    # The same, journaling writes with a group fsync per turn (--fsync always's floor).
+    "twisted-floor-always": _startFloor,
+    "twisted-floor-pypy-always": _startFloor,
+    # ... with the fsync in a thread while the reactor goes on.
+    "twisted-floor-always-thread": _startFloor,
 }
 
 KINDS = tuple(_STARTERS)
@@ -375,9 +384,9 @@ REDIS_COUNTERPART = {
 # The floor server on each kvtwist kind's interpreter.
 FLOOR_OF = {
     "kvtwist": "twisted-floor",
-    "kvtwist-always": "twisted-floor",
+    "kvtwist-always": "twisted-floor-always",
     "kvtwist-pypy": "twisted-floor-pypy",
-    "kvtwist-pypy-always": "twisted-floor-pypy",
+    "kvtwist-pypy-always": "twisted-floor-pypy-always",
 }
 
 
