@@ -354,16 +354,22 @@ def test_the_floor_is_compared_but_not_judged() -> None:
     assert verdicts(scenarios, rows) == []
 
 
+def readLines(s: socket.socket, lines: int, server: servers.Server) -> bytes:
+    """What the floor sends until ``lines`` lines have come."""
+    reply = b""
+    while reply.count(b"\n") < lines:
+        chunk = s.recv(100)
+        assert chunk, f"the floor closed the connection after {reply!r}:\n{server.logText()}"
+        reply += chunk
+    return reply
+
+
 def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
     server = servers.start("twisted-floor", servers.Options())
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(b"get 1\nput 2 3\nanything at all\nnot yet a line")
-            reply = b""
-            while reply.count(b"\n") < 3:
-                chunk = s.recv(100)
-                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.logText()}"
-                reply += chunk
+            reply = readLines(s, 3, server)
             s.sendall(b"\n")
             reply += s.recv(100)
         assert reply == b"OK\n" * 4
@@ -385,11 +391,7 @@ def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync(kind
             assert s.recv(100) == b"OK\n"
             assert journal.stat().st_size == 0
             s.sendall(b"put 2 3\nget 2\ndel 2\n")
-            reply = b""
-            while reply.count(b"\n") < 3:
-                chunk = s.recv(100)
-                assert chunk, f"the floor closed the connection after {reply!r}:\n{server.logText()}"
-                reply += chunk
+            reply = readLines(s, 3, server)
         assert reply == b"OK\n" * 3
         # One 21-byte record for the put and one for the del.
         assert journal.stat().st_size == 42

@@ -78,15 +78,14 @@ class FloorFactory(FactoryBase):
 class DurableFloorProtocol(FloorProtocol):
     """The floor with a journal: writes are appended, and their replies wait for the turn's fsync."""
 
-    factory: DurableFloorFactory
-
     def dataReceived(self, data: bytes) -> None:
         count = data.count(b"\n")
         if not count:
             return
         writes = data.count(b"put") + data.count(b"del")
         if writes:
-            self.factory.journal(self, Batch(OK * count), writes)
+            factory: DurableFloorFactory = self.factory  # type: ignore[assignment]
+            factory.journal(self, Batch(OK * count), writes)
         else:
             self.sendReplies(Batch(OK * count))
 

@@ -92,7 +92,7 @@ def againstOf(scenario: Scenario, server: str) -> str:
     if scenario.against == AGAINST_MEMORY:
         memory = inMemoryKind(server)
         return "" if memory == server else memory
-    if server in FLOOR_OF.values():
+    if server.startswith("twisted-floor"):
         # The floor is shown beside the Redis of its scenario.
         return next((kind for kind in scenario.servers if kind.startswith("redis")), "")
     return REDIS_COUNTERPART.get(server, "")
