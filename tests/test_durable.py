@@ -1,10 +1,16 @@
-"""The durable layer: journal-first writes, fsync policies, group commit, read-only, compaction, stop."""
+"""
+The durable layer: journal-first writes, fsync policies, group commit,
+read-only, compaction, stop; each on both paths: the pure-Python store,
+and the compiled one (a CompiledStore whose chunks run in C) where it is built.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
+from functools import partial
+from typing import Iterator
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -15,8 +21,26 @@ from twisted.internet.testing import StringTransport
 from kvtwist.server.factory import KVFactory
 from kvtwist.storage.durable import DurableService, DurableStore
 from kvtwist.storage.interface import Batch
-from kvtwist.storage.journaled import JournaledStore, openDirectory
+from kvtwist.compiled import CompiledStore
+from kvtwist.storage import journaled
+from kvtwist.storage.journaled import JournaledStore
 from kvtwist.storage.recovery import recover
+
+PATHS = {"pure": False, "compiled": True}
+
+
+@pytest.fixture(autouse=True, params=list(PATHS))
+def storePath(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here opens its data directories on one path, then the other."""
+    if PATHS[request.param] and CompiledStore is None:
+        pytest.skip("no compiled path")
+    global openDirectory
+    openDirectory = partial(journaled.openDirectory, compiled=PATHS[request.param])
+    yield request.param
+    openDirectory = journaled.openDirectory
+
+
+openDirectory = journaled.openDirectory
 
 
 class SyncCounter:

@@ -12,17 +12,23 @@ reference for the whole grammar.
 """
 
 import os
+from zlib import crc32 as _crc32
 
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.long cimport PyLong_AsSsize_t, PyLong_FromLongLong
+from cpython.object cimport PyObject
 
 from kvtwist.compiled._int64 cimport _formatInt, _parseInt
 
 from kvtwist.server import stats as _stats
 from kvtwist.storage.interface import DELETE, GET, PUT, Operation, StoreFull
+from kvtwist.storage.journal import OP_DEL, OP_PUT, RECORD_SIZE
 
 # The reply texts of the protocol (kvtwist.server.protocol; a test checks
 # that they agree).
@@ -74,6 +80,20 @@ cdef enum:
 cdef struct Slot:
     int64_t key
     int64_t value
+
+
+# What undoes one pending journal record: the key's value before it, if it had one.
+cdef struct Undo:
+    int64_t key
+    int64_t value
+    bint had
+
+
+# The journal's record layout (kvtwist.storage.journal; a test checks that
+# the records written here are the ones it writes).
+cdef Py_ssize_t _RECORD_SIZE = RECORD_SIZE
+cdef unsigned char _OP_PUT = OP_PUT
+cdef unsigned char _OP_DEL = OP_DEL
 
 
 # One shard: an open-addressing table and the entry counts that resize it.
@@ -167,6 +187,25 @@ cdef inline char* _copy(char* out, const char* text, Py_ssize_t size) noexcept n
     return out + size
 
 
+cdef int _checkChunk(Py_ssize_t size, Py_ssize_t start, list counts, Py_ssize_t* tally) except -1:
+    """Refuse a start outside the data or counts too short for the tally; zero the tally."""
+    cdef int i
+    if start < 0 or start > size:
+        raise ValueError("start is outside the data")
+    if len(counts) <= _LAST_COUNT:
+        raise ValueError("counts has no place for every outcome")
+    for i in range(_OUTCOMES):
+        tally[i] = 0
+    return 0
+
+
+cdef inline void _putLE64(unsigned char* out, int64_t value) noexcept nogil:
+    cdef uint64_t bits = <uint64_t>value
+    cdef int i
+    for i in range(8):
+        out[i] = <unsigned char>(bits >> (8 * i))
+
+
 cdef class CompiledStore:
     """
     The ``IStore`` that keeps everything in a C hash map, with the
@@ -193,6 +232,11 @@ cdef class CompiledStore:
     # runChunk's reply buffer, kept between calls.
     cdef char* _out
     cdef Py_ssize_t _outSize
+    # runJournaledChunk's journal records not yet written, and what undoes each.
+    cdef char* _records
+    cdef Undo* _undo
+    cdef Py_ssize_t _pending
+    cdef Py_ssize_t _pendingRoom
 
     def __cinit__(self):
         cdef int i
@@ -219,6 +263,8 @@ cdef class CompiledStore:
         for i in range(_SHARDS):
             free(self._tables[i].slots)
         free(self._out)
+        free(self._records)
+        free(self._undo)
 
     # The map
 
@@ -330,6 +376,19 @@ cdef class CompiledStore:
     cdef inline Py_ssize_t _count(self) noexcept nogil:
         return self._used + self._hasZero
 
+    cdef int _assign(self, int64_t key, int64_t value) except -1:
+        """Set ``key`` to ``value``, whether or not it exists, beyond any limit on keys (replay, undo)."""
+        cdef Slot* slot
+        cdef Table* table
+        if self._insert(key, value):
+            return 0
+        if key == 0:
+            self._zeroValue = value
+        else:
+            slot = self._find(key, &table)
+            slot.value = value
+        return 0
+
     # IStore
 
     @property
@@ -380,6 +439,58 @@ cdef class CompiledStore:
             return False
         return self._has(<int64_t>key)
 
+    # Replay (kvtwist.storage.journal.ReplayTarget) and compaction
+
+    def update(self, pairs):
+        """Set each (key, value) of ``pairs``, overwriting, beyond any limit on keys: recovery's blind writes."""
+        cdef int64_t key, value
+        for key, value in pairs:
+            self._assign(key, value)
+
+    def pop(self, key, default=None):
+        """Remove ``key``; its value, or ``default`` when it was not there."""
+        cdef int64_t value
+        if not isinstance(key, int) or not (-(2**63) <= key < 2**63):
+            return default
+        if not self._lookup(<int64_t>key, &value):
+            return default
+        self._remove(<int64_t>key)
+        return value
+
+    def reserve(self, Py_ssize_t count):
+        """Grow each table to hold its share of ``count`` entries, so that recovery rehashes nothing."""
+        cdef int t
+        cdef uint64_t slots
+        cdef Py_ssize_t share = count // _SHARDS + 1
+        # A share plus a quarter for the spread between tables, below the growth threshold.
+        share += share // 4
+        slots = _MIN_SLOTS
+        while <Py_ssize_t>(slots * _GROW_NUM // _GROW_DEN) < share:
+            slots *= 2
+        for t in range(_SHARDS):
+            if self._tables[t].mask + 1 < slots:
+                if _resizeTable(&self._tables[t], slots, self._salt) < 0:
+                    raise MemoryError()
+
+    def keyParts(self):
+        """
+        Every key, a table at a time, each listed only when asked for: a key
+        never moves between tables, so one that stays in the store while the
+        parts are taken is in exactly one (what a compaction's snapshot needs).
+        """
+        cdef int t
+        cdef uint64_t i
+        cdef Slot* slots
+        cdef list keys
+        yield [0] if self._hasZero else []
+        for t in range(_SHARDS):
+            keys = []
+            slots = self._tables[t].slots
+            for i in range(self._tables[t].mask + 1):
+                if slots[i].key != 0:
+                    keys.append(slots[i].key)
+            yield keys
+
     def capacity(self):
         """The slots of all the tables, 16 bytes each: for tests and memory figures."""
         cdef int t
@@ -411,37 +522,40 @@ cdef class CompiledStore:
         cdef const char* p
         cdef char* out
         cdef char* o
-        cdef Py_ssize_t need
         cdef Py_ssize_t tally[_OUTCOMES]
-        cdef int i
-        if start < 0 or start > size:
-            raise ValueError("start is outside the data")
-        if len(counts) <= _LAST_COUNT:
-            raise ValueError("counts has no place for every outcome")
-        need = (size - start) * _REPLY_PER_BYTE
-        if need <= self._outSize:
-            out = self._out
-        else:
-            out = <char*>malloc(need)
-            if out == NULL:
-                raise MemoryError()
-            if need <= _KEPT_REPLY_BYTES:
-                free(self._out)
-                self._out = out
-                self._outSize = need
-        for i in range(_OUTCOMES):
-            tally[i] = 0
-        o = out
+        _checkChunk(size, start, counts, tally)
+        out = o = self._replyBuffer((size - start) * _REPLY_PER_BYTE)
         p = self._runLines(base + start, base + size, maxRequest, &o, tally)
+        return self._replies(out, o, tally, counts), p - base
+
+    cdef char* _replyBuffer(self, Py_ssize_t need) except NULL:
+        """A buffer of ``need`` bytes for a chunk's replies: the one kept between calls when it is big enough."""
+        cdef char* out
+        # (An empty chunk still gets a buffer: NULL means an error here.)
+        need = max(need, 1)
+        if need <= self._outSize:
+            return self._out
+        out = <char*>malloc(need)
+        if out == NULL:
+            raise MemoryError()
+        if need <= _KEPT_REPLY_BYTES:
+            free(self._out)
+            self._out = out
+            self._outSize = need
+        return out
+
+    cdef bytes _replies(self, char* out, char* end, Py_ssize_t* tally, list counts):
+        """The replies written from ``out`` to ``end`` (freeing a buffer that is not kept), with the tally counted."""
+        cdef int i
         try:
-            replies = PyBytes_FromStringAndSize(out, o - out)
+            replies = PyBytes_FromStringAndSize(out, end - out)
         finally:
             if out != self._out:
                 free(out)
         for i in range(_OUTCOMES):
             if tally[i]:
                 counts[_COUNT_AT[i]] += tally[i]
-        return replies, p - base
+        return replies
 
     cdef const char* _runLines(
         self, const char* p, const char* end, Py_ssize_t maxRequest, char** reply, Py_ssize_t* tally
@@ -487,6 +601,166 @@ cdef class CompiledStore:
             p = nl + 1
         reply[0] = o
         return p
+
+
+    # The journaled chunk executor
+
+    def runJournaledChunk(
+        self, bytes data not None, Py_ssize_t start, Py_ssize_t maxRequest, list counts not None,
+        dict dirty, Py_ssize_t appended,
+    ):
+        """
+        ``runChunk`` for a journaled store (kvtwist.storage.journaled), with
+        its semantics: each put or del that changes something also adds its
+        journal record to the pending records, numbered on from
+        ``appended``, with what undoes it. The caller writes them
+        (``pendingRecords``), then either confirms them or, if the write
+        failed, undoes them, so that nothing stays applied that is not in
+        the journal.
+
+        ``dirty`` maps each key whose last change is not durable yet to that
+        change's record number (None when the store does not track it); a
+        write here enters its own. Returns the replies, the offset just
+        after the last line run, the new ``appended``, and the newest record
+        the replies depend on (0 for none), as ``Batch.waitFor``.
+        """
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef const char* base = PyBytes_AS_STRING(data)
+        cdef const char* p = base + start
+        cdef const char* end = base + size
+        cdef const char* nl
+        cdef char* out
+        cdef char* o
+        cdef Py_ssize_t tally[_OUTCOMES]
+        cdef Py_ssize_t waitFor = 0
+        cdef int verb
+        cdef int64_t key, value, old
+        _checkChunk(size, start, counts, tally)
+        out = o = self._replyBuffer((size - start) * _REPLY_PER_BYTE)
+        try:
+            while p < end:
+                nl = <const char*>memchr(p, c'\n', end - p)
+                if nl == NULL or nl - p > maxRequest:
+                    break
+                if nl == p:
+                    p = nl + 1
+                    continue
+                if not _parseRequest(p, nl, &verb, &key, &value):
+                    break
+                if verb == _GET:
+                    waitFor = _dependOn(dirty, key, waitFor)
+                    if self._lookup(key, &value):
+                        o = _formatInt(o, value)
+                        tally[_GOT] += 1
+                    else:
+                        o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                        tally[_GOT_NONE] += 1
+                elif verb == _PUT:
+                    if self._has(key):
+                        waitFor = _dependOn(dirty, key, waitFor)
+                        o = _copy(o, _EXISTS, _EXISTS_LEN)
+                        tally[_EXISTED] += 1
+                    else:
+                        # A full store refuses on the Python path, which says so.
+                        if self._count() >= self._room:
+                            break
+                        self._journal(_OP_PUT, key, value, False, 0)
+                        if self._tryPut(key, value) < 0:
+                            self._pending -= 1
+                            raise MemoryError()
+                        appended += 1
+                        waitFor = _changed(dirty, key, appended)
+                        o = _copy(o, _OK, _OK_LEN)
+                        tally[_STORED] += 1
+                else:
+                    if self._lookup(key, &old):
+                        self._journal(_OP_DEL, key, 0, True, old)
+                        self._remove(key)
+                        appended += 1
+                        waitFor = _changed(dirty, key, appended)
+                        o = _copy(o, _OK, _OK_LEN)
+                        tally[_DELETED] += 1
+                    else:
+                        waitFor = _dependOn(dirty, key, waitFor)
+                        o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
+                        tally[_DELETED_NONE] += 1
+                p = nl + 1
+        except BaseException:
+            if out != self._out:
+                free(out)
+            raise
+        return self._replies(out, o, tally, counts), p - base, appended, waitFor
+
+    cdef int _journal(self, unsigned char op, int64_t key, int64_t value, bint had, int64_t old) except -1:
+        """Add the record of a change about to be applied, and what undoes it, to the pending ones."""
+        cdef Py_ssize_t room
+        cdef char* records
+        cdef Undo* undo
+        cdef unsigned char* record
+        cdef uint64_t crc
+        cdef int i
+        if self._pending == self._pendingRoom:
+            room = self._pendingRoom * 2 if self._pendingRoom else 16
+            records = <char*>realloc(self._records, room * _RECORD_SIZE)
+            if records == NULL:
+                raise MemoryError()
+            self._records = records
+            undo = <Undo*>realloc(self._undo, room * sizeof(Undo))
+            if undo == NULL:
+                raise MemoryError()
+            self._undo = undo
+            self._pendingRoom = room
+        record = <unsigned char*>self._records + self._pending * _RECORD_SIZE
+        record[0] = op
+        _putLE64(record + 1, key)
+        _putLE64(record + 9, value)
+        crc = _crc32(PyBytes_FromStringAndSize(<char*>record, _RECORD_SIZE - 4))
+        for i in range(4):
+            record[17 + i] = <unsigned char>(crc >> (8 * i))
+        self._undo[self._pending].key = key
+        self._undo[self._pending].value = old
+        self._undo[self._pending].had = had
+        self._pending += 1
+        return 0
+
+    def pendingRecords(self):
+        """The journal records of the changes runJournaledChunk made since the last confirm or undo, in order."""
+        return PyBytes_FromStringAndSize(self._records, self._pending * _RECORD_SIZE)
+
+    def confirmPending(self):
+        """The pending records are in the journal: forget them."""
+        self._pending = 0
+
+    def undoPending(self):
+        """The pending records could not be written: take their changes back, newest first, and forget them."""
+        cdef Undo* undo
+        while self._pending:
+            self._pending -= 1
+            undo = &self._undo[self._pending]
+            if undo.had:
+                self._assign(undo.key, undo.value)
+            else:
+                self._remove(undo.key)
+
+
+cdef inline Py_ssize_t _dependOn(dict dirty, int64_t key, Py_ssize_t waitFor) except -1:
+    """``waitFor``, or the number of the record that last changed ``key`` if that is newer and not yet durable."""
+    cdef PyObject* number
+    cdef Py_ssize_t n
+    if not dirty:
+        return waitFor
+    number = PyDict_GetItem(dirty, PyLong_FromLongLong(key))
+    if number == NULL:
+        return waitFor
+    n = PyLong_AsSsize_t(<object>number)
+    return n if n > waitFor else waitFor
+
+
+cdef inline Py_ssize_t _changed(dict dirty, int64_t key, Py_ssize_t number) except -1:
+    """Note that record ``number`` changed ``key``; the replies now depend on it (the newest record)."""
+    if dirty is not None:
+        PyDict_SetItem(dirty, PyLong_FromLongLong(key), number)
+    return number
 
 
 # The remote engines' path: the same parsing, and the replies formatted

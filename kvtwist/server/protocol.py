@@ -27,6 +27,7 @@ from kvtwist import compiled
 from kvtwist.server import stats as S
 from kvtwist.server.directsend import sendNow
 from kvtwist.storage.interface import DELETE, GET, PUT, Batch, IStore, Operation, Outcome, StoreError
+from kvtwist.storage.journaled import JournaledStore
 
 if TYPE_CHECKING:
     from kvtwist.compiled._chunk import CompiledStore
@@ -146,6 +147,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     _compiled: CompiledStore | None = None
     # With a remote engine, the compiled parsing and formatting (kvtwist.compiled), else None.
     _remotePath: ModuleType | None = None
+    # The store when it is journaled and runs whole chunks in C (a data directory on the compiled path), else None.
+    _journaled: JournaledStore | None = None
     _log = Logger()
 
     def __init__(self) -> None:
@@ -206,6 +209,8 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._store = store
             if compiled.CompiledStore is not None and type(store) is compiled.CompiledStore:
                 self._compiled = store
+            elif isinstance(store, JournaledStore) and store.compiled is not None:
+                self._journaled = store
         else:
             self._commands = self._unlocked = _REMOTE_COMMANDS
             self._remotePath = compiled.remotePath
@@ -321,9 +326,11 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         prefix = b""
-        compiledStore, remotePath = self._compiled, self._remotePath
+        # The batch that a journaled store's run in C began, for the rest of the chunk.
+        carried: Batch | None = None
+        compiledStore, remotePath, journaled = self._compiled, self._remotePath, self._journaled
         if (
-            (compiledStore is not None or remotePath is not None)
+            (compiledStore is not None or remotePath is not None or journaled is not None)
             and self._commands is self._unlocked
             and not self._pieces
             and not self._closing
@@ -349,6 +356,22 @@ class KVProtocol(Protocol, TimeoutMixin):
                 # The rest of the chunk (an unusual line, or an unfinished
                 # request) takes the ordinary path, after these replies.
                 prefix, data = answered, data[done:]
+            elif journaled is not None:
+                # A data directory: run in C, noting in the batch what the
+                # replies depend on; they leave as the fsync policy says.
+                carried = Batch()
+                if self._untilTimed:
+                    carried.received = self._timeThisChunk()
+                prefix, done = journaled.runChunk(data, 0, factory.maxRequest, self._counts, carried)
+                factory.stats.bytesIn += done
+                if done == len(data):
+                    if prefix:
+                        carried.replies = prefix
+                        if self.timeOut is not None:
+                            self.resetTimeout()
+                        self._deliver(carried)
+                    return
+                data = data[done:]
             elif remotePath is not None:
                 # With a remote engine: parsed into the chunk's operations.
                 # (Parsing changes nothing, so a chunk it cannot take whole
@@ -381,9 +404,9 @@ class KVProtocol(Protocol, TimeoutMixin):
             if self._keepUnfinished(data):
                 self._counts[S.TOO_LONG] += 1
                 self._closeReason = "too_long"
-                self._finish(Batch(prefix + TOO_LONG))
+                self._finish(_carrying(carried, prefix + TOO_LONG))
             elif prefix:
-                self._deliver(Batch(prefix))
+                self._deliver(_carrying(carried, prefix))
             return
         if self._pieces:
             # Each byte is joined once, when its request's end comes.
@@ -396,11 +419,22 @@ class KVProtocol(Protocol, TimeoutMixin):
             # (While paused, a TLS transport still hands over what it had
             # decrypted: that does not stop the clock on unread replies.)
             self._pendingSince = None
-        batch = Batch()
-        if self._untilTimed:
-            batch.received = self._timeThisChunk()
+        if carried is not None:
+            batch = carried
+        else:
+            batch = Batch()
+            if self._untilTimed:
+                batch.received = self._timeThisChunk()
         if compiledStore is not None and self._commands is _COMMANDS:
-            replies, rest = self._runCompiled(compiledStore, buffered, batch)
+            limit, counts = factory.maxRequest, self._counts
+            replies, rest = self._runCompiled(
+                lambda start: compiledStore.runChunk(buffered, start, limit, counts), buffered, batch
+            )
+        elif journaled is not None and self._commands is _COMMANDS:
+            limit, counts = factory.maxRequest, self._counts
+            replies, rest = self._runCompiled(
+                lambda start: journaled.runChunk(buffered, start, limit, counts, batch), buffered, batch
+            )
         else:
             lines = buffered.split(b"\n")
             rest = lines.pop()
@@ -467,16 +501,18 @@ class KVProtocol(Protocol, TimeoutMixin):
             return True
         return False
 
-    def _runCompiled(self, store: CompiledStore, buffered: bytes, batch: Batch) -> tuple[list[bytes], bytes]:
+    def _runCompiled(
+        self, runChunk: Callable[[int], tuple[bytes, int]], buffered: bytes, batch: Batch
+    ) -> tuple[list[bytes], bytes]:
         """
-        ``_run`` for a store that runs requests in C: the common lines of
-        the chunk run there without a Python object per request, and each
-        line it leaves (anything unusual) runs here, the reference path.
-        Returns the replies and the unfinished request after the last LF.
+        ``_run`` for a store that runs requests in C (``runChunk`` from an
+        offset of ``buffered``): the common lines of the chunk run there
+        without a Python object per request, and each line it leaves
+        (anything unusual) runs here, the reference path. Returns the
+        replies and the unfinished request after the last LF.
         """
         end = buffered.rfind(b"\n") + 1
-        limit, counts = self.factory.maxRequest, self._counts
-        replies, offset = store.runChunk(buffered, 0, limit, counts)
+        replies, offset = runChunk(0)
         out = [replies]
         careful: bool | None = None
         while offset != end:
@@ -486,7 +522,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             out += self._run([buffered[offset:lineEnd]], careful, batch)
             if self._closing:
                 break
-            replies, offset = store.runChunk(buffered, lineEnd + 1, limit, counts)
+            replies, offset = runChunk(lineEnd + 1)
             out.append(replies)
         return out, buffered[end:]
 
@@ -856,6 +892,13 @@ _CLOSE_REASONS = {
     "request_timeout": "request timeout",
     "auth": "too many wrong passwords",
 }
+
+
+def _carrying(carried: Batch | None, replies: bytes) -> Batch:
+    """The batch that carries ``replies``: the one a run in C began (with what they depend on), or a new one."""
+    batch = Batch() if carried is None else carried
+    batch.replies = replies
+    return batch
 
 
 def _peer(transport: object) -> str:

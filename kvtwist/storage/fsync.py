@@ -40,6 +40,10 @@ FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class FsyncPolicy:
     """What the policies share: fsyncs in the background, one at a time; replies leave at once."""
 
+    # Whether replies that depend on a write wait for an fsync: then its
+    # record need reach the file only before that fsync, not before the reply.
+    holdsReplies = False
+
     def __init__(self, store: JournaledStore, reactor: IReactorTime, runBlocking: RunBlocking) -> None:
         self.store = store
         self.reactor = reactor
@@ -73,15 +77,22 @@ class FsyncPolicy:
         """Start fsyncing, off the reactor, everything appended so far."""
         # The count and the writer are taken together: every record up to
         # the count is in this writer's file or in one synced before it.
-        target, writer = self.store.appended, self.store.writer
+        target, writer, started = self.store.appended, self.store.writer, time.perf_counter()
+        try:
+            # Records still pending (the compiled path's) go to the file first, from the reactor thread.
+            self.store.writePending()
+        except Exception:
+            self._syncEnded(Failure(), target, started)
+            return
         self._inflight = self._runBlocking(lambda: _timed(writer.sync))
-        self._inflight.addBoth(self._syncEnded, target, time.perf_counter())
+        self._inflight.addBoth(self._syncEnded, target, started)
 
     def _syncNow(self) -> None:
         """Fsync everything appended so far, in the reactor thread, and act on the result."""
         target, started = self.store.appended, time.perf_counter()
         result: object
         try:
+            self.store.writePending()
             result = _timed(self.store.writer.sync)
         except Exception:
             result = Failure()
@@ -173,6 +184,7 @@ class Always(FsyncPolicy):
     """
 
     slowFsync = 0.001
+    holdsReplies = True
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

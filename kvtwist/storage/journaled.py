@@ -5,6 +5,14 @@ write to the operating system), then applied to the in-memory store, which
 stays the source of truth for reads.  If the append fails, nothing is
 applied, and the store turns read-only.
 
+On the compiled path (``kvtwist.compiled``) the in-memory store is a
+``CompiledStore``, and a chunk's common requests run in C
+(``runJournaledChunk``): its changes are applied at once and their records
+kept pending, to be written together (``writePending``) before any reply
+that depends on them leaves and before any fsync.  If that write fails,
+the changes are taken back, so that again nothing stays applied that is
+not in the journal, and the store turns read-only.
+
 What this module does not decide: when records reach the disk and which
 replies wait for them (the fsync policies in ``kvtwist.storage.fsync``),
 and when and how to compact (``kvtwist.storage.compaction``, which tells
@@ -15,14 +23,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+from kvtwist.compiled import CompiledStore
 from kvtwist.storage.datadir import DirectoryLock, createJournal, journalName, makeDataDir
 from kvtwist.storage.interface import Batch, StoreFull, StoreReadOnly
 from kvtwist.storage.journal import encodeDel, encodeEnd, encodePut
 from kvtwist.storage.journalwriter import JournalSyncError, JournalWriteError, JournalWriter
+from kvtwist.storage.intmap import IntMap
 from kvtwist.storage.memory import STORE_FULL, MemoryStore
 from kvtwist.storage.recovery import recover
+
+if TYPE_CHECKING:
+    from kvtwist.compiled._chunk import CompiledStore as _CompiledStore
 
 
 @dataclass
@@ -31,7 +44,8 @@ class OpenedDirectory:
 
     path: str
     lock: DirectoryLock
-    memory: MemoryStore
+    # A CompiledStore on the compiled path.
+    memory: MemoryStore | _CompiledStore
     writer: JournalWriter
     generation: int
     snapshotSize: int
@@ -39,11 +53,13 @@ class OpenedDirectory:
     warnings: list[str] = field(default_factory=list)
 
 
-def openDirectory(dirPath: str, maxKeys: int | None = None) -> OpenedDirectory:
+def openDirectory(dirPath: str, maxKeys: int | None = None, compiled: bool = CompiledStore is not None) -> OpenedDirectory:
     """Lock ``dirPath``, recover its contents, and open its newest journal.
 
     ``maxKeys`` limits the store as ``MemoryStore`` says; a directory that
-    already holds more keys still opens, and only refuses new ones.
+    already holds more keys still opens, and only refuses new ones. With
+    ``compiled`` (where the compiled path is built), recovery fills a
+    ``CompiledStore`` straight away, else an ``IntMap`` for a ``MemoryStore``.
 
     Raises ``DataDirLocked`` or ``RecoveryError`` with a message for the
     operator; ``warnings`` lists what recovery dropped.
@@ -52,7 +68,15 @@ def openDirectory(dirPath: str, maxKeys: int | None = None) -> OpenedDirectory:
     lock = DirectoryLock(dirPath)
     lock.acquire()
     try:
-        recovered = recover(dirPath)
+        memory: MemoryStore | _CompiledStore
+        if compiled:
+            assert CompiledStore is not None, "the compiled path is not built"
+            memory = CompiledStore(maxKeys=maxKeys)
+            recovered = recover(dirPath, into=memory)
+        else:
+            entries = IntMap()
+            recovered = recover(dirPath, into=entries)
+            memory = MemoryStore(entries, maxKeys)
         for path in recovered.obsolete:
             os.remove(path)
         generation = recovered.journalGeneration
@@ -65,7 +89,6 @@ def openDirectory(dirPath: str, maxKeys: int | None = None) -> OpenedDirectory:
         else:
             writer = JournalWriter.open(os.path.join(dirPath, journalName(generation)))
             older = recovered.journalBytes - writer.size
-        memory = MemoryStore(recovered.map, maxKeys)
     except BaseException:
         lock.release()
         raise
@@ -90,6 +113,8 @@ class JournaledStore:
         self.dirPath = opened.path
         self.lock = opened.lock
         self.memory = opened.memory
+        # The same store when chunks run in C (runChunk), else None.
+        self.compiled = opened.memory if CompiledStore is not None and type(opened.memory) is CompiledStore else None
         self.writer = opened.writer
         self.generation = opened.generation
         self.snapshotSize = opened.snapshotSize
@@ -154,6 +179,7 @@ class JournaledStore:
 
     def _append(self, record: bytes, key: int, batch: Batch) -> None:
         try:
+            self.writePending()
             self.writer.append(record)
         except JournalWriteError as e:
             self.turnReadOnly(f"journal write failed: {e}")
@@ -161,6 +187,44 @@ class JournaledStore:
         self.appended += 1
         if self._dirty is not None:
             self._dirty[key] = batch.waitFor = self.appended
+
+    def runChunk(self, data: bytes, start: int, maxRequest: int, counts: list[int], batch: Batch) -> tuple[bytes, int]:
+        """
+        Run the common requests of ``data`` from ``start`` in C, as
+        ``CompiledStore.runChunk`` does (what it returns, and where it
+        stops), noting in ``batch`` what the replies depend on; their
+        records are pending until ``writePending``. Runs nothing when the
+        store is not on the compiled path or is read-only.
+        """
+        compiled = self.compiled
+        if compiled is None or self.readOnlyReason is not None:
+            return b"", start
+        replies, done, self.appended, waitFor = compiled.runJournaledChunk(
+            data, start, maxRequest, counts, self._dirty, self.appended
+        )
+        if waitFor > batch.waitFor:
+            batch.waitFor = waitFor
+        return replies, done
+
+    def writePending(self) -> None:
+        """
+        Write the records runChunk left pending, in one write. If that
+        fails, their changes are taken back and the store turns read-only;
+        the ``JournalWriteError`` goes on to the caller.
+        """
+        compiled = self.compiled
+        if compiled is None:
+            return
+        records = compiled.pendingRecords()
+        if not records:
+            return
+        try:
+            self.writer.append(records)
+        except JournalWriteError as e:
+            compiled.undoPending()
+            self.turnReadOnly(f"journal write failed: {e}")
+            raise
+        compiled.confirmPending()
 
     def _dependOn(self, key: int, batch: Batch) -> None:
         """A reply about ``key`` depends on the record that last changed it, if not yet durable."""
@@ -184,6 +248,10 @@ class JournaledStore:
     def sync(self) -> None:
         """Make every journaled change durable, or turn read-only and raise ``JournalSyncError``."""
         target = self.appended
+        try:
+            self.writePending()
+        except JournalWriteError as e:
+            raise JournalSyncError(str(e)) from e
         try:
             self.writer.sync()
         except JournalSyncError as e:
@@ -236,6 +304,7 @@ class JournaledStore:
         nothing switches.
         """
         try:
+            self.writePending()
             self.writer.append(encodeEnd(generation))
         except JournalWriteError as e:
             self.turnReadOnly(f"journal write failed: {e}")

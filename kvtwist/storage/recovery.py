@@ -1,7 +1,8 @@
 """Recovery: rebuild the store's contents from a data directory.
 
 Load the newest snapshot, then replay its journal and every later one,
-straight into the ``IntMap`` the store will serve from: nothing is held
+straight into the map the store will serve from (an ``IntMap``, or on
+the compiled path a ``CompiledStore``): nothing is held
 twice, and files are read a piece at a time.  A torn last record in the
 journal being written (the process died mid-write) is dropped and, when
 asked, cut off the file, with a warning naming file and offset.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 from kvtwist.storage import journal, snapshot
 from kvtwist.storage.datadir import journalName, listFiles, snapshotName, truncateFile
@@ -40,7 +41,7 @@ class Recovered:
     switched to.
     """
 
-    map: IntMap
+    map: RecoveryTarget
     snapshotGeneration: int
     snapshotSize: int
     journalGeneration: int | None
@@ -64,8 +65,16 @@ def corruptionMessage(dirPath: str, path: str, offset: int, detail: str, size: i
     )
 
 
-def recover(dirPath: str, truncateTorn: bool = True) -> Recovered:
-    """Read the data directory ``dirPath`` and return what it holds.
+class RecoveryTarget(journal.ReplayTarget, Protocol):
+    """What recovery fills: a map that replay writes to, and that can make room for a snapshot's entries first."""
+
+    def reserve(self, count: int, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def recover(dirPath: str, truncateTorn: bool = True, into: RecoveryTarget | None = None) -> Recovered:
+    """Read the data directory ``dirPath`` and return what it holds, in ``into`` (a new ``IntMap`` by default).
 
     With ``truncateTorn``, a torn tail is also cut off the journal being
     written (and the cut made durable), so appends continue from a good
@@ -77,7 +86,7 @@ def recover(dirPath: str, truncateTorn: bool = True) -> Recovered:
     _checkNothingMissing(dirPath, base, generations)
     paths = [os.path.join(dirPath, listing.journals[g]) for g in generations]
 
-    target = IntMap()
+    target: RecoveryTarget = IntMap() if into is None else into
     snapshotSize = 0
     if base:
         path = os.path.join(dirPath, listing.snapshots[base])
