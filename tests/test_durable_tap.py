@@ -13,6 +13,7 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
+from kvtwist.compiled import CompiledStore
 from kvtwist.storage.datadir import DirectoryLock
 from kvtwist.server.listening import KVService
 from kvtwist.storage.durable import DurableService
@@ -134,7 +135,7 @@ def test_the_start_up_story_comes_before_the_listening_line(tmp_path, logged) ->
     top.startService()
     assert [formatEvent(e) for e in logged] == [
         f"kvstore: kvtwist {version()} starting",
-        f"kvstore: store: data directory {data} (fsync no)",
+        f"kvstore: store: data directory {data} (fsync no{', compiled' if CompiledStore is not None else ''})",
         f"kvstore: 1 keys loaded from {data}",
         "kvstore listening on UNIXAddress('/tmp/kvtwist-test.sock')",
     ]

@@ -18,6 +18,8 @@ _LOG_LINE = re.compile(r"^\S+ \[[^\]]*\] (kvstore.*)$", re.MULTILINE)
 
 # The in-memory store's start-up line: it says whether the compiled path runs.
 MEMORY_LINE = "kvstore: store: memory" + (" (compiled)" if compiled.CompiledStore is not None else "")
+# How the data directory's line ends where its requests run in C.
+COMPILED = ", compiled" if compiled.CompiledStore is not None else ""
 
 
 def kvstoreLines(server: ServerProcess) -> list[str]:
@@ -47,7 +49,7 @@ def test_with_data_it_says_what_it_loaded_before_it_listens_and_what_it_kept_aft
     assert server.stop() == -signal.SIGTERM
     assert kvstoreLines(server) == [
         f"kvstore: kvtwist {version()} starting",
-        f"kvstore: store: data directory {data} (fsync everysec)",
+        f"kvstore: store: data directory {data} (fsync everysec{COMPILED})",
         f"kvstore: 0 keys loaded from {data}",
         listening(server),
         f"kvstore: journal flushed and fsynced; 2 keys in {data}",
@@ -64,7 +66,7 @@ def test_with_data_it_says_what_it_loaded_before_it_listens_and_what_it_kept_aft
     assert f"dropped a torn record at the end of {path} at offset {good}" in dropped
     assert kvstoreLines(restarted) == [
         f"kvstore: kvtwist {version()} starting",
-        f"kvstore: store: data directory {data} (fsync always)",
+        f"kvstore: store: data directory {data} (fsync always{COMPILED})",
         dropped,
         f"kvstore: 2 keys loaded from {data}",
         listening(restarted),

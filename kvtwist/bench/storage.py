@@ -161,11 +161,14 @@ def _statusBytes(field: str) -> int:
 
 
 def _childMemory(directory: str) -> None:
-    from kvtwist.storage.recovery import recover
+    from kvtwist.storage.journaled import openDirectory
 
     before = _statusBytes("VmRSS")
-    recovered = recover(directory, truncateTorn=False)
-    print(before, _statusBytes("VmHWM"), _statusBytes("VmRSS"), len(recovered.map))
+    # As the server opens it: into the compiled path's map where it is built.
+    opened = openDirectory(directory)
+    print(before, _statusBytes("VmHWM"), _statusBytes("VmRSS"), len(opened.memory))
+    opened.writer.close()
+    opened.lock.release()
 
 
 def memoryInChild(directory: Path) -> tuple[int, int, int, int]:

@@ -97,7 +97,12 @@ def announceStore(store: DurableStore | None, compiledPath: bool = False) -> Non
     if store is None:
         _log.info("kvstore: store: memory" + (" (compiled)" if compiledPath else ""))
         return
-    _log.info("kvstore: store: data directory {dir} (fsync {fsync})", dir=store.dirPath, fsync=store.fsync)
+    _log.info(
+        "kvstore: store: data directory {dir} (fsync {fsync}{compiled})",
+        dir=store.dirPath,
+        fsync=store.fsync,
+        compiled=", compiled" if store.compiled is not None else "",
+    )
     for warning in store.warnings:
         _log.warn("kvstore: recovery: {warning}", warning=warning)
     _log.info("kvstore: {count} keys loaded from {dir}", count=len(store), dir=store.dirPath)
