@@ -1,16 +1,20 @@
 """
-The compiled path: ``CompiledStore``, the in-memory store as a C hash map,
-whose ``runChunk`` runs a received chunk's common requests at C level;
-and for a remote engine, ``remotePath``: its ``parseChunk`` turns a chunk
-into operations, and its ``formatOutcomes`` the engine's answers into
-replies, also at C level; and for Redis, ``respPath``: its
-``encodeCommands`` writes a chunk's commands, and its ``decodeOutcomes``
-reads Redis's replies to them, at C level too.
+The compiled path, three parts:
+
+- ``CompiledStore``, the in-memory store as a C hash map, whose
+  ``runChunk`` runs a received chunk's common requests at C level
+  (``runJournaledChunk`` the same for a data directory, with the journal's
+  records);
+- for a remote engine, ``remotePath``: its ``parseChunk`` turns a chunk
+  into operations, and its ``formatOutcomes`` the engine's answers into
+  replies;
+- for Redis, ``respPath``: its ``encodeCommands`` writes a chunk's
+  commands, and its ``decodeOutcomes`` reads Redis's replies to them.
 
 It exists only where the optional extension was built (CPython with a C
-compiler). ``CompiledStore``, ``remotePath`` and ``respPath`` are None otherwise, or when the environment
-sets ``KVTWIST_PURE=1`` to compare both paths in one tree, and
-``unavailable`` then says why. The pure-Python path (``MemoryStore`` and
+compiler). All three are None otherwise, or when the environment sets
+``KVTWIST_PURE=1`` to compare both paths in one tree, and ``unavailable``
+then says why. The pure-Python path (``MemoryStore`` and
 the protocol's own parser, the Redis engine's encoder) is the reference
 and works everywhere.
 """
