@@ -38,7 +38,9 @@ def resp() -> Any:
 
 @given(operations, prefixes)
 def test_encodes_what_the_python_encoder_does(chunk: list[Operation], prefix: bytes) -> None:
-    assert resp().encodeCommands(chunk, prefix) == b"".join(CommandEncoder(prefix).encode(chunk))
+    each = CommandEncoder(prefix).encode(chunk)
+    assert resp().encodeCommands(chunk, prefix) == b"".join(each)
+    assert resp().encodeEach(chunk, prefix) == each
 
 
 def test_takes_any_sequence_of_operations() -> None:
@@ -60,6 +62,8 @@ def test_takes_any_sequence_of_operations() -> None:
 def test_refuses_what_is_not_an_operation_it_can_encode(chunk: list[Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         resp().encodeCommands(chunk, b"p:")
+    with pytest.raises(error):
+        resp().encodeEach(chunk, b"p:")
 
 
 def test_one_reply_per_operation() -> None:

@@ -24,7 +24,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import redisclusterprocs
+from kvtwist.compiled import respPath
 from kvtwist.engines import EngineOptions, EngineURLError, openEngine
+from kvtwist.engines import rediscluster
 from kvtwist.engines.rediscluster import RedisClusterStore, fromURL, keySlot, parseClusterSlots
 from kvtwist.storage.interface import (
     DELETE,
@@ -34,6 +36,7 @@ from kvtwist.storage.interface import (
     TIMED_OUT,
     IRemoteStore,
     Operation,
+    StoreError,
     StoreUnavailable,
 )
 from serverproc import exchange, start_server
@@ -220,6 +223,31 @@ class ClusterTests(TestCase):
             outcomes = yield store.execute(chunk)
             self.assertEqual(outcomes, expected)
         self.assertEqual(store.stats.errors, {})
+
+    @inlineCallbacks
+    def test_bothPathsAnswerAlike(self) -> Any:
+        """The compiled RESP path (where it is built) and the Python one give the same outcomes, errors included."""
+        compiledStore = self.openStore(prefix="cpath:")
+        self.assertIs(compiledStore.compiled, respPath)
+        self.patch(rediscluster, "respPath", None)
+        pureStore = self.openStore(prefix="ppath:")
+        self.assertIsNone(pureStore.compiled)
+        for prefix in ("cpath", "ppath"):
+            self.cluster.owner(keySlot(b"%s:5" % prefix.encode())).call("SET", f"{prefix}:5", "abc")
+        rng = random.Random(11)
+        data: dict[int, int] = {5: 0}
+        for _ in range(20):
+            chunk = [Operation(rng.choice((PUT, GET, DELETE)), rng.randrange(4, 24), rng.randrange(-5, 5)) for _ in range(32)]
+            chunk = [operation for operation in chunk if operation.key != 5] + [Operation(GET, 5)]
+            expected = _model(chunk, data)
+            ours = yield compiledStore.execute(chunk)
+            theirs = yield pureStore.execute(chunk)
+            self.assertEqual([str(o) if isinstance(o, StoreError) else o for o in ours],
+                             [str(o) if isinstance(o, StoreError) else o for o in theirs])
+            self.assertEqual(ours[:-1], expected[:-1])
+            self.assertIsInstance(ours[-1], StoreError)
+        self.assertEqual(compiledStore.stats.errors, pureStore.stats.errors)
+        self.assertEqual(compiledStore.stats.errors, {"bad value": 20})
 
     @inlineCallbacks
     def test_movedAfterStaleMap(self) -> Any:

@@ -4,7 +4,7 @@ Redis's wire format (RESP) for a chunk's operations, at C level.
 
 Over Redis, writing each operation's command and reading each reply in
 Python cost as much as all the rest of a request's work in the node. These
-two functions do a whole chunk's common case in C. The Python engine
+functions do a whole chunk's common case in C. The Python engine
 (``kvtwist.engines.redis``) stays the reference: ``encodeCommands`` makes
 what its ``CommandEncoder`` makes, and any reply ``decodeOutcomes`` is
 not sure about is left to its ``outcomeOf``.
@@ -60,6 +60,28 @@ cdef inline char* _bulk(char* out, const char* prefix, Py_ssize_t prefixSize, in
     return out + 2
 
 
+cdef char* _encodeOne(char* o, object item, const char* prefix, Py_ssize_t prefixSize) except NULL:
+    """Write the command of the operation ``item`` at ``o``; return the byte after it."""
+    cdef tuple operation = _operation(item)
+    cdef long command = operation[0]
+    cdef int64_t key = operation[1]
+    cdef int64_t value
+    if command == _GET_CODE:
+        memcpy(o, _GET_HEAD, _HEAD_LEN)
+        return _bulk(o + _HEAD_LEN, prefix, prefixSize, key)
+    if command == _PUT_CODE:
+        value = operation[2]
+        memcpy(o, _SET_HEAD, _HEAD_LEN)
+        o = _bulk(o + _HEAD_LEN, prefix, prefixSize, key)
+        o = _bulk(o, b"", 0, value)
+        memcpy(o, _NX, _NX_LEN)
+        return o + _NX_LEN
+    if command == _DELETE_CODE:
+        memcpy(o, _DEL_HEAD, _HEAD_LEN)
+        return _bulk(o + _HEAD_LEN, prefix, prefixSize, key)
+    raise ValueError(f"unknown operation {operation!r}")
+
+
 def encodeCommands(operations, bytes prefix not None):
     """
     The RESP pipeline of one command per operation, back to back, each
@@ -68,36 +90,36 @@ def encodeCommands(operations, bytes prefix not None):
     cdef list items = operations if type(operations) is list else list(operations)
     cdef Py_ssize_t n = len(items)
     cdef Py_ssize_t prefixSize = PyBytes_GET_SIZE(prefix)
-    cdef const char* prefixBytes = PyBytes_AS_STRING(prefix)
     cdef Py_ssize_t i
-    cdef long command
-    cdef int64_t key, value
-    cdef tuple operation
     cdef char* out = <char*>malloc(n * (prefixSize + _MOST_PER_COMMAND) + 1)
     cdef char* o = out
     if out == NULL:
         raise MemoryError()
     try:
         for i in range(n):
-            operation = _operation(items[i])
-            command = operation[0]
-            key = operation[1]
-            if command == _GET_CODE:
-                memcpy(o, _GET_HEAD, _HEAD_LEN)
-                o = _bulk(o + _HEAD_LEN, prefixBytes, prefixSize, key)
-            elif command == _PUT_CODE:
-                value = operation[2]
-                memcpy(o, _SET_HEAD, _HEAD_LEN)
-                o = _bulk(o + _HEAD_LEN, prefixBytes, prefixSize, key)
-                o = _bulk(o, b"", 0, value)
-                memcpy(o, _NX, _NX_LEN)
-                o += _NX_LEN
-            elif command == _DELETE_CODE:
-                memcpy(o, _DEL_HEAD, _HEAD_LEN)
-                o = _bulk(o + _HEAD_LEN, prefixBytes, prefixSize, key)
-            else:
-                raise ValueError(f"unknown operation {operation!r}")
+            o = _encodeOne(o, items[i], PyBytes_AS_STRING(prefix), prefixSize)
         return PyBytes_FromStringAndSize(out, o - out)
+    finally:
+        free(out)
+
+
+def encodeEach(operations, bytes prefix not None):
+    """
+    ``encodeCommands``, one command per operation in a list, for a caller
+    that groups them (a cluster, by slot).
+    """
+    cdef list items = operations if type(operations) is list else list(operations)
+    cdef Py_ssize_t prefixSize = PyBytes_GET_SIZE(prefix)
+    cdef char* out = <char*>malloc(prefixSize + _MOST_PER_COMMAND)
+    cdef char* o
+    cdef list commands = []
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for item in items:
+            o = _encodeOne(out, item, PyBytes_AS_STRING(prefix), prefixSize)
+            commands.append(PyBytes_FromStringAndSize(out, o - out))
+        return commands
     finally:
         free(out)
 

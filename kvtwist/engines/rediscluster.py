@@ -21,6 +21,7 @@ per operation, and every outcome within the store's timeout.
 from __future__ import annotations
 
 from binascii import crc_hqx
+from types import ModuleType
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote
 
@@ -28,6 +29,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from kvtwist.compiled import respPath
 from kvtwist.engines import EngineOptions, EngineURLError
 from kvtwist.engines.redis import CommandEncoder, outcomeOf
 from kvtwist.engines.redisnode import RedisNode, ReplyError, asIs, encodeCommands
@@ -159,7 +161,7 @@ def fromURL(url: str, options: EngineOptions, reactor: Any) -> RedisClusterStore
             seeds.append(parseAddress(part.strip()))
         except ValueError as error:
             raise EngineURLError(f"redis-cluster URL {_withoutPassword(url)!r}: {error}") from None
-    return RedisClusterStore(seeds, options, reactor, username=username, password=password)
+    return RedisClusterStore(seeds, options, reactor, username=username, password=password, compiled=respPath)
 
 
 def _withoutPassword(url: str) -> str:
@@ -242,6 +244,16 @@ class _Chunk:
             return
         outcomes = self.outcomes
         operations = self.operations
+        compiled = self.store.compiled
+        if compiled is not None and -1 not in indices:
+            # The common case, no redirect and no error among the replies, in C.
+            decoded = compiled.decodeOutcomes([operations[index] for index in indices], replies)
+            if decoded is not None:
+                for index, outcome in zip(indices, decoded):
+                    outcomes[index] = outcome
+                if not self.waiting:
+                    self._finish()
+                return
         stats = self.store.stats
         again: list[int] = []
         pause = 0.0
@@ -373,7 +385,9 @@ class RedisClusterStore(Service):
         *,
         username: str | None = None,
         password: str | None = None,
+        compiled: ModuleType | None,
     ) -> None:
+        """``compiled`` is ``kvtwist.compiled.respPath``, or None for the Python path alone."""
         if not seeds:
             raise EngineURLError("a redis-cluster store needs at least one HOST:PORT")
         self.stats = EngineStats()
@@ -385,7 +399,10 @@ class RedisClusterStore(Service):
         self._username = username
         self._password = password
         prefix = options.keyPrefix.encode()
+        self._prefix = prefix
         self._encoder = CommandEncoder(prefix)
+        # The compiled RESP path (kvtwist.compiled.respPath), or None for the Python one.
+        self.compiled = compiled
         # Keys are the prefix and a decimal number, which has no braces: so
         # the prefix alone decides whether a hash tag applies (one slot for
         # every key), and otherwise the CRC of the prefix is computed once.
@@ -433,7 +450,11 @@ class RedisClusterStore(Service):
     def execute(self, operations: Sequence[Operation]) -> Deferred[list[Outcome]]:
         """Run ``operations`` on their masters; see ``IRemoteStore`` for the promise."""
         chunk = _Chunk(self, operations)
-        chunk.commands = self._encoder.encode(operations)
+        compiled = self.compiled
+        if compiled is not None:
+            chunk.commands = compiled.encodeEach(operations, self._prefix)
+        else:
+            chunk.commands = self._encoder.encode(operations)
         fixedSlot = self._fixedSlot
         prefixCrc = self._prefixCrc
         if fixedSlot >= 0:
