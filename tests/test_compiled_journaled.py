@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from kvtwist.compiled import CompiledStore, unavailable
 from kvtwist.server import stats as S
@@ -27,6 +26,7 @@ from kvtwist.storage.intmap import IntMap
 from kvtwist.storage.journal import encodeDel, encodePut
 from kvtwist.storage.journaled import JournaledStore, openDirectory
 from kvtwist.storage.recovery import recover
+from test_durable import connect
 
 pytestmark = pytest.mark.skipif(CompiledStore is None, reason=f"no compiled path: {unavailable}")
 
@@ -156,12 +156,7 @@ def test_three_connections_see_what_they_see_on_the_python_path(fsync: str, even
     for compiled in (False, True):
         with tempfile.TemporaryDirectory() as directory:
             service, factory, clock = serve(directory, compiled, fsync)
-            connections = []
-            for _ in range(3):
-                proto = factory.buildProtocol(None)
-                transport = StringTransport()
-                proto.makeConnection(transport)
-                connections.append((proto, transport))
+            connections = [connect(factory) for _ in range(3)]
             seen: list[bytes] = []
             for event in events:
                 if event is None:
@@ -183,12 +178,7 @@ def test_three_connections_see_what_they_see_on_the_python_path(fsync: str, even
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_a_failed_write_under_always_takes_the_turn_s_changes_back(tmp_path: Any, monkeypatch: Any, code: int) -> None:
     service, factory, clock = serve(str(tmp_path), True, "always")
-    protos = []
-    for _ in range(2):
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        protos.append((proto, transport))
+    protos = [connect(factory) for _ in range(2)]
     protos[0][0].dataReceived(b"put 1 1\nput 2 2\n")
     clock.advance(0)
     assert protos[0][1].value() == b"OK\nOK\n"

@@ -136,17 +136,20 @@ def test_this_twisted_has_what_the_fast_path_needs() -> None:
     assert directsend.ENABLED and directsend.sendNow is directsend._sendNow
 
 
-def test_a_twisted_without_the_private_queue_counter_takes_the_ordinary_path() -> None:
+@pytest.mark.parametrize("connection, missing", [(tcp.Server, "_tempDataLen"), (tcp.Client, "dataBuffer")])
+def test_a_twisted_whose_connections_lack_the_private_queue_takes_the_ordinary_path(
+    connection: type[tcp.Connection], missing: str
+) -> None:
     from kvtwist.server import directsend
 
-    class OtherQueue(tcp.Server):
+    class OtherQueue(connection):  # type: ignore[misc, valid-type]
         # As a Twisted that keeps its queue some other way would be.
         def __getattribute__(self, name: str) -> object:
-            if name == "_tempDataLen":
+            if name == missing:
                 raise AttributeError(name)
             return super().__getattribute__(name)
 
-    assert directsend.supports(tcp.Server)
+    assert directsend.supports(connection)
     assert not directsend.supports(OtherQueue)
 
 
@@ -229,16 +232,3 @@ def test_a_client_connection_keeps_order_when_the_kernel_takes_only_part() -> No
         assert stream == expected
     finally:
         pair.close()
-
-
-def test_a_twisted_whose_client_connections_lack_the_queue_takes_the_ordinary_path() -> None:
-    from kvtwist.server import directsend
-
-    class OtherClient(tcp.Client):
-        def __getattribute__(self, name: str) -> object:
-            if name == "dataBuffer":
-                raise AttributeError(name)
-            return super().__getattribute__(name)
-
-    assert directsend.supports(tcp.Client)
-    assert not directsend.supports(OtherClient)

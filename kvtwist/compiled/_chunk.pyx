@@ -187,16 +187,65 @@ cdef inline char* _copy(char* out, const char* text, Py_ssize_t size) noexcept n
     return out + size
 
 
-cdef int _checkChunk(Py_ssize_t size, Py_ssize_t start, list counts, Py_ssize_t* tally) except -1:
-    """Refuse a start outside the data or counts too short for the tally; zero the tally."""
+cdef inline const char* _nextRequest(
+    const char* p, const char* end, Py_ssize_t maxRequest, const char** lineEnd, int* verb, int64_t* key, int64_t* value
+) noexcept nogil:
+    """
+    Skip the empty lines from ``p`` (they get no reply) and return where the
+    next line starts; ``lineEnd`` is its LF if it is a complete request in
+    the common form, parsed into ``verb``, ``key`` and ``value``, else NULL:
+    every chunk loop stops at such a line.
+    """
+    cdef const char* nl
+    lineEnd[0] = NULL
+    while p < end:
+        nl = <const char*>memchr(p, c'\n', end - p)
+        if nl == NULL or nl - p > maxRequest:
+            return p
+        if nl != p:
+            if _parseRequest(p, nl, verb, key, value):
+                lineEnd[0] = nl
+            return p
+        p = nl + 1
+    return p
+
+
+cdef inline char* _reply(char* out, int outcome, int64_t value, Py_ssize_t* tally) noexcept nogil:
+    """Write the reply line of ``outcome`` at ``out`` (``value`` for a get that found one) and count it; return the byte after it."""
+    tally[outcome] += 1
+    if outcome == _GOT:
+        return _formatInt(out, value)
+    if outcome == _STORED or outcome == _DELETED:
+        return _copy(out, _OK, _OK_LEN)
+    if outcome == _EXISTED:
+        return _copy(out, _EXISTS, _EXISTS_LEN)
+    return _copy(out, _NOT_FOUND, _NOT_FOUND_LEN)
+
+
+cdef int _startTally(list counts, Py_ssize_t* tally) except -1:
+    """Refuse counts too short for the tally; zero the tally."""
     cdef int i
-    if start < 0 or start > size:
-        raise ValueError("start is outside the data")
     if len(counts) <= _LAST_COUNT:
         raise ValueError("counts has no place for every outcome")
     for i in range(_OUTCOMES):
         tally[i] = 0
     return 0
+
+
+cdef int _addTally(Py_ssize_t* tally, list counts) except -1:
+    """Add each outcome's count to its place in the server's request counters."""
+    cdef int i
+    for i in range(_OUTCOMES):
+        if tally[i]:
+            counts[_COUNT_AT[i]] += tally[i]
+    return 0
+
+
+cdef int _checkChunk(Py_ssize_t size, Py_ssize_t start, list counts, Py_ssize_t* tally) except -1:
+    """Refuse a start outside the data or counts too short for the tally; zero the tally."""
+    if start < 0 or start > size:
+        raise ValueError("start is outside the data")
+    return _startTally(counts, tally)
 
 
 cdef inline void _putLE64(unsigned char* out, int64_t value) noexcept nogil:
@@ -546,15 +595,12 @@ cdef class CompiledStore:
 
     cdef bytes _replies(self, char* out, char* end, Py_ssize_t* tally, list counts):
         """The replies written from ``out`` to ``end`` (freeing a buffer that is not kept), with the tally counted."""
-        cdef int i
         try:
             replies = PyBytes_FromStringAndSize(out, end - out)
         finally:
             if out != self._out:
                 free(out)
-        for i in range(_OUTCOMES):
-            if tally[i]:
-                counts[_COUNT_AT[i]] += tally[i]
+        _addTally(tally, counts)
         return replies
 
     cdef const char* _runLines(
@@ -565,39 +611,27 @@ cdef class CompiledStore:
         cdef char* o = reply[0]
         cdef int verb, stored
         cdef int64_t key, value
-        while p < end:
-            nl = <const char*>memchr(p, c'\n', end - p)
-            if nl == NULL or nl - p > maxRequest:
-                break
-            if nl == p:
-                p = nl + 1
-                continue
-            if not _parseRequest(p, nl, &verb, &key, &value):
+        while True:
+            p = _nextRequest(p, end, maxRequest, &nl, &verb, &key, &value)
+            if nl == NULL:
                 break
             if verb == _GET:
                 if self._lookup(key, &value):
-                    o = _formatInt(o, value)
-                    tally[_GOT] += 1
+                    o = _reply(o, _GOT, value, tally)
                 else:
-                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    tally[_GOT_NONE] += 1
+                    o = _reply(o, _GOT_NONE, 0, tally)
             elif verb == _PUT:
                 stored = self._tryPut(key, value)
                 if stored == 1:
-                    o = _copy(o, _OK, _OK_LEN)
-                    tally[_STORED] += 1
+                    o = _reply(o, _STORED, 0, tally)
                 elif stored == 0:
-                    o = _copy(o, _EXISTS, _EXISTS_LEN)
-                    tally[_EXISTED] += 1
+                    o = _reply(o, _EXISTED, 0, tally)
                 else:
                     break
+            elif self._remove(key):
+                o = _reply(o, _DELETED, 0, tally)
             else:
-                if self._remove(key):
-                    o = _copy(o, _OK, _OK_LEN)
-                    tally[_DELETED] += 1
-                else:
-                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    tally[_DELETED_NONE] += 1
+                o = _reply(o, _DELETED_NONE, 0, tally)
             p = nl + 1
         reply[0] = o
         return p
@@ -638,28 +672,20 @@ cdef class CompiledStore:
         _checkChunk(size, start, counts, tally)
         out = o = self._replyBuffer((size - start) * _REPLY_PER_BYTE)
         try:
-            while p < end:
-                nl = <const char*>memchr(p, c'\n', end - p)
-                if nl == NULL or nl - p > maxRequest:
-                    break
-                if nl == p:
-                    p = nl + 1
-                    continue
-                if not _parseRequest(p, nl, &verb, &key, &value):
+            while True:
+                p = _nextRequest(p, end, maxRequest, &nl, &verb, &key, &value)
+                if nl == NULL:
                     break
                 if verb == _GET:
                     waitFor = _dependOn(dirty, key, waitFor)
                     if self._lookup(key, &value):
-                        o = _formatInt(o, value)
-                        tally[_GOT] += 1
+                        o = _reply(o, _GOT, value, tally)
                     else:
-                        o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                        tally[_GOT_NONE] += 1
+                        o = _reply(o, _GOT_NONE, 0, tally)
                 elif verb == _PUT:
                     if self._has(key):
                         waitFor = _dependOn(dirty, key, waitFor)
-                        o = _copy(o, _EXISTS, _EXISTS_LEN)
-                        tally[_EXISTED] += 1
+                        o = _reply(o, _EXISTED, 0, tally)
                     else:
                         # A full store refuses on the Python path, which says so.
                         if self._count() >= self._room:
@@ -670,20 +696,17 @@ cdef class CompiledStore:
                             raise MemoryError()
                         appended += 1
                         waitFor = _changed(dirty, key, appended)
-                        o = _copy(o, _OK, _OK_LEN)
-                        tally[_STORED] += 1
+                        o = _reply(o, _STORED, 0, tally)
                 else:
                     if self._lookup(key, &old):
                         self._journal(_OP_DEL, key, 0, True, old)
                         self._remove(key)
                         appended += 1
                         waitFor = _changed(dirty, key, appended)
-                        o = _copy(o, _OK, _OK_LEN)
-                        tally[_DELETED] += 1
+                        o = _reply(o, _DELETED, 0, tally)
                     else:
                         waitFor = _dependOn(dirty, key, waitFor)
-                        o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                        tally[_DELETED_NONE] += 1
+                        o = _reply(o, _DELETED_NONE, 0, tally)
                 p = nl + 1
         except BaseException:
             if out != self._out:
@@ -808,14 +831,9 @@ def parseChunk(bytes data not None, Py_ssize_t maxRequest):
     cdef int verb
     cdef int64_t key, value = 0
     cdef list operations = []
-    while p < end:
-        nl = <const char*>memchr(p, c'\n', end - p)
-        if nl == NULL or nl - p > maxRequest:
-            break
-        if nl == p:
-            p = nl + 1
-            continue
-        if not _parseRequest(p, nl, &verb, &key, &value):
+    while True:
+        p = _nextRequest(p, end, maxRequest, &nl, &verb, &key, &value)
+        if nl == NULL:
             break
         if verb == _PUT:
             operations.append(_newOperation(_OPERATION, _PUT_CODE, key, value))
@@ -836,18 +854,14 @@ def formatOutcomes(list operations not None, list outcomes not None, list counts
     cdef Py_ssize_t tally[_OUTCOMES]
     cdef char* out
     cdef char* o
-    cdef int64_t value
     cdef object command, outcome
     if len(outcomes) != n:
         raise ValueError("one outcome per operation")
-    if len(counts) <= _LAST_COUNT:
-        raise ValueError("counts has no place for every outcome")
+    _startTally(counts, tally)
     for i in range(n):
         outcome = outcomes[i]
         if outcome is not None and outcome is not True and outcome is not False and type(outcome) is not int:
             return None
-    for i in range(_OUTCOMES):
-        tally[i] = 0
     # The longest reply line: a value, 21 bytes.
     out = <char*>malloc(n * 21 + 1)
     if out == NULL:
@@ -859,30 +873,15 @@ def formatOutcomes(list operations not None, list outcomes not None, list counts
             outcome = outcomes[i]
             if command == _GET_CODE:
                 if outcome is None:
-                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    tally[_GOT_NONE] += 1
+                    o = _reply(o, _GOT_NONE, 0, tally)
                 else:
-                    value = outcome
-                    o = _formatInt(o, value)
-                    tally[_GOT] += 1
+                    o = _reply(o, _GOT, outcome, tally)
             elif command == _PUT_CODE:
-                if outcome is True:
-                    o = _copy(o, _OK, _OK_LEN)
-                    tally[_STORED] += 1
-                else:
-                    o = _copy(o, _EXISTS, _EXISTS_LEN)
-                    tally[_EXISTED] += 1
+                o = _reply(o, _STORED if outcome is True else _EXISTED, 0, tally)
             else:
-                if outcome is True:
-                    o = _copy(o, _OK, _OK_LEN)
-                    tally[_DELETED] += 1
-                else:
-                    o = _copy(o, _NOT_FOUND, _NOT_FOUND_LEN)
-                    tally[_DELETED_NONE] += 1
+                o = _reply(o, _DELETED if outcome is True else _DELETED_NONE, 0, tally)
         replies = PyBytes_FromStringAndSize(out, o - out)
     finally:
         free(out)
-    for i in range(_OUTCOMES):
-        if tally[i]:
-            counts[_COUNT_AT[i]] += tally[i]
+    _addTally(tally, counts)
     return replies
