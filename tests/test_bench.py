@@ -461,3 +461,18 @@ def test_quick_comparison_of_two_trees_end_to_end(tmp_path: Path, buildDir: Path
     assert "x baseline req/s" in proc.stdout and "x Redis" not in proc.stdout
     assert "not judged" in proc.stdout and " met" not in proc.stdout
     assert (out / "results.md").read_text().strip() == proc.stdout.strip()
+
+
+def test_enginecost_times_every_step_and_each_pair_does_the_same_work(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtwist.bench import enginecost
+
+    steps = enginecost.costs()
+    if "encode, compiled" in steps:
+        assert steps["encode, compiled"]() == steps["encode, Python"]()
+        assert steps["decode, compiled"]() == steps["decode, Python"]()
+        operations, taken = steps["parse a chunk, compiled"]()  # type: ignore[misc]
+        assert operations == enginecost.chunk(16, 1) and taken > 0
+    enginecost.main(["--number", "3", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    for name in steps:
+        assert f"{name}:" in printed
