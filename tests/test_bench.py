@@ -476,3 +476,43 @@ def test_enginecost_times_every_step_and_each_pair_does_the_same_work(capsys: py
     printed = capsys.readouterr().out
     for name in steps:
         assert f"{name}:" in printed
+
+
+def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from twisted.internet.testing import StringTransport
+
+    from kvtwist.bench import requestcost
+
+    stream = requestcost.requests(2_000, seed=3)
+    assert {line.split()[0] for line in stream} == {b"get", b"put", b"del"}
+    transports: list[StringTransport] = []
+
+    def recording() -> StringTransport:
+        transports.append(StringTransport())
+        return transports[-1]
+
+    received = requestcost.servers(recording)
+    for dataReceived in received.values():
+        for line in stream:
+            dataReceived(line)
+    replies = dict(zip(received, (t.value() for t in transports)))
+    assert replies["floor"] == b"OK\n" * len(stream)
+    # What a store that starts with every key holding itself must answer.
+    model = {key: key for key in range(requestcost.KEYS)}
+    expected = []
+    for line in stream:
+        verb, *numbers = line.split()
+        key = int(numbers[0])
+        if verb == b"get":
+            expected.append(b"%d\n" % model[key] if key in model else b"Key not found\n")
+        elif verb == b"put":
+            expected.append(b"Key already exists\n" if key in model else b"OK\n")
+            model.setdefault(key, int(numbers[1]))
+        else:
+            expected.append(b"OK\n" if model.pop(key, None) is not None else b"Key not found\n")
+    for name in received.keys() - {"floor"}:
+        assert replies[name] == b"".join(expected), name
+    requestcost.main(["--requests", "50", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    for name in received:
+        assert f"{name}:" in printed
