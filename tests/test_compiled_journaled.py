@@ -14,19 +14,15 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
-from twisted.internet import defer
-from twisted.internet.task import Clock
 
 from kvtwist.compiled import CompiledStore, unavailable
 from kvtwist.server import stats as S
-from kvtwist.server.factory import KVFactory
-from kvtwist.storage.durable import DurableService, DurableStore
 from kvtwist.storage.interface import Batch
 from kvtwist.storage.intmap import IntMap
 from kvtwist.storage.journal import encodeDel, encodePut
 from kvtwist.storage.journaled import JournaledStore, openDirectory
 from kvtwist.storage.recovery import recover
-from test_durable import connect
+from test_durable import connect, serve, stop
 
 pytestmark = pytest.mark.skipif(CompiledStore is None, reason=f"no compiled path: {unavailable}")
 
@@ -117,23 +113,6 @@ def test_a_full_store_leaves_the_put_to_the_python_path() -> None:
     assert store.pendingRecords() == encodePut(1, 1)
 
 
-def serve(directory: str, compiled: bool, fsync: str) -> tuple[DurableService, KVFactory, Clock]:
-    clock = Clock()
-    store = DurableStore(openDirectory(directory, compiled=compiled), fsync, clock, runBlocking=defer.maybeDeferred)
-    assert (store.compiled is not None) == compiled
-    service = DurableService(store)
-    service.startService()
-    return service, KVFactory(store, reactor=clock), clock
-
-
-def stop(service: DurableService, clock: Clock) -> None:
-    stopped: list[object] = []
-    service.stopService().addCallback(stopped.append)
-    for _ in range(3):
-        clock.advance(0)
-    assert stopped
-
-
 _LINES = st.one_of(
     st.builds(lambda k, v: b"put %d %d" % (k, v), st.integers(-3, 3), st.integers(-3, 3) | int64),
     st.builds(lambda k: b"get %d" % k, st.integers(-3, 3)),
@@ -155,7 +134,7 @@ def test_three_connections_see_what_they_see_on_the_python_path(fsync: str, even
     recovered: dict[bool, list[tuple[int, int]]] = {}
     for compiled in (False, True):
         with tempfile.TemporaryDirectory() as directory:
-            service, factory, clock = serve(directory, compiled, fsync)
+            service, factory, clock = serve(directory, fsync, compiled=compiled)
             connections = [connect(factory) for _ in range(3)]
             seen: list[bytes] = []
             for event in events:
@@ -177,7 +156,7 @@ def test_three_connections_see_what_they_see_on_the_python_path(fsync: str, even
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_a_failed_write_under_always_takes_the_turn_s_changes_back(tmp_path: Any, monkeypatch: Any, code: int) -> None:
-    service, factory, clock = serve(str(tmp_path), True, "always")
+    service, factory, clock = serve(tmp_path, "always", compiled=True)
     protos = [connect(factory) for _ in range(2)]
     protos[0][0].dataReceived(b"put 1 1\nput 2 2\n")
     clock.advance(0)

@@ -95,10 +95,18 @@ def run_compaction_until(clock: Clock, syncs: HeldSyncs, done, keep: int = 0) ->
     raise AssertionError("the compaction did not get there")
 
 
-def serve(tmp_path, fsync: str, runBlocking=defer.maybeDeferred, **kwargs) -> tuple[DurableService, KVFactory, Clock]:
-    """A started DurableService on a Clock; by default fsyncs run at once, in line."""
+def serve(
+    tmp_path, fsync: str, runBlocking=defer.maybeDeferred, compiled: bool | None = None, **kwargs
+) -> tuple[DurableService, KVFactory, Clock]:
+    """
+    A started DurableService on a Clock; by default fsyncs run at once, in
+    line. ``compiled`` picks the path (by default, the one this module's
+    tests are running on).
+    """
     clock = Clock()
-    store = DurableStore(openDirectory(str(tmp_path)), fsync, clock, runBlocking=runBlocking, **kwargs)
+    opener = openDirectory if compiled is None else partial(journaled.openDirectory, compiled=compiled)
+    store = DurableStore(opener(str(tmp_path)), fsync, clock, runBlocking=runBlocking, **kwargs)
+    assert compiled is None or (store.compiled is not None) == compiled
     durable = DurableService(store)
     durable.startService()
     return durable, KVFactory(store, reactor=clock), clock
