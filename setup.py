@@ -64,7 +64,7 @@ def _extensions() -> list[Any]:
             extensions += cythonize([Extension("kvtwist.compiled." + module, [source])], language_level=3, quiet=True)
         except Exception as e:
             sys.stderr.write(f"WARNING: could not translate {source} with Cython ({e}); kvtwist is installed "
-                             "without that part of its compiled path.\n")
+                             "without its compiled path and runs on its pure-Python path.\n")
     return extensions
 
 
