@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogEvent, capturedLogs
 from twisted.python.failure import Failure
 
 from kvtwist.server import stats as S
@@ -223,44 +223,32 @@ def test_a_timeout_meanwhile_comes_after_the_engines_replies() -> None:
     assert transport.disconnecting
 
 
-class LogEvents:
-    """The events logged while a test runs."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, object]] = []
-
-    def __call__(self, event: dict[str, object]) -> None:
-        self.events.append(event)
-
-
 @pytest.fixture
-def logged() -> Iterator[LogEvents]:
-    events = LogEvents()
-    globalLogPublisher.addObserver(events)
-    yield events
-    globalLogPublisher.removeObserver(events)
+def logged() -> Iterator[Sequence[LogEvent]]:
+    with capturedLogs() as events:
+        yield events
 
 
-def test_an_engine_that_fails_a_chunk_ends_the_connection(logged: LogEvents) -> None:
+def test_an_engine_that_fails_a_chunk_ends_the_connection(logged: Sequence[LogEvent]) -> None:
     engine = DictEngine(hold=True)
     proto, transport, _ = connect(engine)
     proto.dataReceived(b"put 1 1\nget 1\n")
     engine.held.pop(0)[1].errback(RuntimeError("engine bug"))
     assert transport.value() == b""
     assert transport.disconnecting
-    [failure] = [event["log_failure"] for event in logged.events if "log_failure" in event]
+    [failure] = [event["log_failure"] for event in logged if "log_failure" in event]
     assert isinstance(failure, Failure) and failure.check(RuntimeError)
 
 
 @pytest.mark.parametrize("outcomes", [[True], [True, 1, 2], [object(), 1]])
-def test_answers_that_do_not_fit_the_chunk_end_the_connection(outcomes: list[Outcome], logged: LogEvents) -> None:
+def test_answers_that_do_not_fit_the_chunk_end_the_connection(outcomes: list[Outcome], logged: Sequence[LogEvent]) -> None:
     engine = DictEngine(hold=True)
     proto, transport, _ = connect(engine)
     proto.dataReceived(b"put 1 1\nget 1\n")
     engine.held.pop(0)[1].callback(outcomes)
     assert transport.value() == b""
     assert transport.disconnecting
-    assert any("log_failure" in event for event in logged.events)
+    assert any("log_failure" in event for event in logged)
 
 
 def test_authentication_unlocks_the_remote_commands() -> None:
