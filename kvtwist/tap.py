@@ -18,6 +18,7 @@ from kvtwist.server.arguments import (
 from kvtwist.server.factory import DEFAULT_MAX_CONNECTIONS, KVFactory
 from kvtwist.server.listening import listeningService
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT
+from kvtwist.server.reactor import installUnlessChosen
 from kvtwist.storage.datadir import DataDirLocked
 from kvtwist.storage.durable import DurableService, DurableStore, announceStore
 from kvtwist.storage.fsync import DEFAULT_FSYNC, FSYNC_POLICIES
@@ -72,18 +73,19 @@ class Options(usage.Options):
     opt_p = opt_port
 
     def postOptions(self) -> None:
+        # The reactor comes first: checking the options needs one. Unless
+        # twistd was given --reactor, it is kvtwist's (kvtwist.server.reactor).
+        reactor = installUnlessChosen()
         if self["fsync"] is None:
             self["fsync"] = DEFAULT_FSYNC
         elif not self["data"]:
             raise usage.UsageError("--fsync needs --data: without it the store is in memory and nothing is synced")
         if self["store"] != "memory":
-            self._checkRemoteStore()
+            self._checkRemoteStore(reactor)
         if not self["port"]:
             self["port"] = listenAddresses(DEFAULT_PORT)
         # Parse each description now, so that a typo or a missing certificate
         # is a usage error rather than a traceback at start-up.
-        from twisted.internet import reactor
-
         for address in self["port"]:
             try:
                 endpoints.serverFromString(reactor, address.endpointDescription)
@@ -91,7 +93,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--port {address.description!r} is not a usable endpoint: {e}")
 
 
-    def _checkRemoteStore(self) -> None:
+    def _checkRemoteStore(self, reactor: Any) -> None:
         """The options that cannot go with a remote store, and the URL itself, checked now rather than at start-up."""
         for option in ("data", "max-keys"):
             if self[option] is not None:
@@ -102,8 +104,6 @@ class Options(usage.Options):
                 )
         if self["store-timeout"] <= 0:
             raise usage.UsageError("--store-timeout must be more than 0")
-        from twisted.internet import reactor
-
         _openEngine(self, reactor)
 
 

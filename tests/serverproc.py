@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 _LISTENING = re.compile(r"kvstore listening on (?:IPv[46]Address\(type='TCP', host='([^']+)', port=(\d+)\)|\S+)")
 
@@ -81,13 +81,14 @@ def start_server(
     cwd: str | os.PathLike[str] | None = None,
     port: str = "tcp:0:interface=127.0.0.1",
     wait: bool = True,
+    twistdOptions: Sequence[str] = (),
     **popen: Any,
 ) -> ServerProcess:
-    """Start ``twistd -n kvstore`` with ``extra_args``; port 0 lets the kernel pick a free port."""
+    """Start ``twistd -n [twistdOptions] kvstore`` with ``extra_args``; port 0 lets the kernel pick a free port."""
     logDir = Path(tempfile.mkdtemp(prefix="kvtwist-server-"))
     _logDirs.append(logDir)
     logPath = logDir / "server.log"
-    args = [twistd(), "-n", "--pidfile=", "kvstore", "--port", port, *extra_args]
+    args = [twistd(), "-n", "--pidfile=", *twistdOptions, "kvstore", "--port", port, *extra_args]
     with open(logPath, "wb") as log:
         proc = subprocess.Popen(
             args, cwd=cwd or logDir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen

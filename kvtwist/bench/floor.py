@@ -19,8 +19,12 @@ kvtwist's does on a slow one, the reactor going on meanwhile); chunks of
 reads leave at once. It checks nothing and tracks no key, so it is faster
 than any journaled store built on this loop could be.
 
+Both run on the reactor kvtwist runs on (``kvtwist.server.reactor``), so
+that the floor and kvtwist pay the same event loop; ``--stock-reactor``
+runs them on Twisted's own epoll reactor, to measure what that costs.
+
 Run on its own: ``python -m kvtwist.bench.floor [ENDPOINT] [--journal PATH
-[--fsync-in-thread]]``; it prints the port it listens on.
+[--fsync-in-thread]] [--stock-reactor]``; it prints the port it listens on.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from twisted.internet import defer, endpoints, task, threads
 # base class that every supported Twisted accepts), nor a store.
 from kvtwist.server.factory import FactoryBase
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
+from kvtwist.server.reactor import installUnlessChosen
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
 
@@ -151,9 +156,12 @@ def main() -> None:
     parser.add_argument("endpoint", nargs="?", default=DEFAULT_ENDPOINT, help="where to listen (a server endpoint)")
     parser.add_argument("--journal", metavar="PATH", help="the floor of --fsync always: journal writes to PATH")
     parser.add_argument("--fsync-in-thread", action="store_true", help="with --journal, fsync in a thread")
+    parser.add_argument("--stock-reactor", action="store_true", help="run on Twisted's epoll reactor, not kvtwist's")
     options = parser.parse_args()
     if options.fsync_in_thread and options.journal is None:
         parser.error("--fsync-in-thread needs --journal")
+    if not options.stock_reactor:
+        installUnlessChosen()
     task.react(serve, (options.endpoint, options.journal, options.fsync_in_thread))
 
 
