@@ -364,8 +364,9 @@ def readLines(s: socket.socket, lines: int, server: servers.Server) -> bytes:
     return reply
 
 
-def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
-    server = servers.start("twisted-floor", servers.Options())
+@pytest.mark.parametrize("kind", ["twisted-floor", "twisted-floor-stock-reactor"])
+def test_the_floor_server_answers_every_line_and_nothing_else(kind: str) -> None:
+    server = servers.start(kind, servers.Options())
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(b"get 1\nput 2 3\nanything at all\nnot yet a line")
@@ -381,7 +382,7 @@ def test_the_floor_server_answers_every_line_and_nothing_else() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("kind", ["twisted-floor-always", "twisted-floor-always-thread"])
+@pytest.mark.parametrize("kind", ["twisted-floor-always"])
 def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync(kind: str) -> None:
     server = servers.start(kind, servers.Options())
     try:

@@ -13,9 +13,9 @@ harness measures it in the same rounds as kvtwist and Redis, which turns
 plus what the durable store cannot do without. A chunk with a ``put`` or
 ``del`` in it writes one 21-byte record per such line to a journal file
 (one ``write`` for the chunk), and its replies wait for the group fsync
-that ends the reactor turn, in the reactor, as kvtwist's does on a fast
-disk (or, with ``--fsync-in-thread``, in Twisted's thread pool, as
-kvtwist's does on a slow one, the reactor going on meanwhile); chunks of
+that ends the reactor turn: in the reactor, as Redis's does, or, with
+``--fsync-in-thread``, in Twisted's thread pool while the reactor goes
+on, as kvtwist's does (the harness runs it so); chunks of
 reads leave at once. It checks nothing and tracks no key, so it is faster
 than any journaled store built on this loop could be.
 
