@@ -247,13 +247,15 @@ def test_the_quick_plan_judges_no_target() -> None:
 
 def test_the_tree_comparison_is_the_one_a_refactor_needs() -> None:
     scenarios = {s.key: s for s in plan.fullPlan(trees=True) if s.against == AGAINST_TREE}
-    assert sorted(scenarios) == ["tree-d1", "tree-d16"]
-    assert [scenarios[k].load.depth for k in ("tree-d1", "tree-d16")] == [1, 16]
+    assert sorted(scenarios) == ["tree-always", "tree-d1", "tree-d16"]
+    assert [scenarios[k].load.depth for k in ("tree-d1", "tree-d16", "tree-always")] == [1, 16, 1]
+    assert set(scenarios["tree-always"].servers) == {"kvtwist-always", "kvtwist-always-baseline"}
     for s in scenarios.values():
         assert (s.load.connections, s.load.reads, s.load.keyspace, s.load.idle) == (50, 80, 100_000, 0)
         assert s.rounds >= 5 and s.alternate and not s.memory
         assert s.targets == (REGRESSION,) and REGRESSION.met(0.97) and not REGRESSION.met(0.969)
-        assert {"kvtwist", "kvtwist-baseline"} <= set(s.servers) and not any("redis" in k for k in s.servers)
+        assert not any("redis" in k for k in s.servers)
+        assert all(servers.runsBaselineTree(k) or servers.baselineKind(k) in s.servers for k in s.servers)
     # Without a baseline tree the full plan does not wait for one.
     assert not any(s.against == AGAINST_TREE for s in plan.fullPlan())
 

@@ -89,18 +89,23 @@ _WITH_FLOORS = ("kvtwist", "kvtwist-pypy", "twisted-floor", "twisted-floor-pypy"
 
 # A median drop in throughput beyond 3% against the baseline tree is a regression.
 REGRESSION = Target("rps", ">=", 0.97)
-TREE_KEYS = ("tree-d1", "tree-d16")
+TREE_KEYS = ("tree-d1", "tree-d16", "tree-always")
 # Each kvtwist kind beside the same kind run from the baseline tree.
 _TREES = ("kvtwist-baseline", "kvtwist", "kvtwist-pypy-baseline", "kvtwist-pypy")
+_ALWAYS_TREES = ("kvtwist-always-baseline", "kvtwist-always")
 
 
 def treeScenarios(load: Load, rounds: int, deep: int = 16) -> list[Scenario]:
-    """This tree's kvtwist against the baseline tree's, in memory, without and with pipelining."""
+    """This tree's kvtwist against the baseline tree's: in memory without and with pipelining, and with --fsync always."""
     return [
         Scenario(key, f"{load.connections} conns, depth {depth}, this tree against the baseline",
                  replace(load, depth=depth), _TREES, rounds=rounds, targets=(REGRESSION,),
                  against=AGAINST_TREE, alternate=True, freshServers=True)
         for key, depth in zip(TREE_KEYS, (1, deep))
+    ] + [
+        Scenario("tree-always", f"{load.connections} conns, fsync always, this tree against the baseline",
+                 load, _ALWAYS_TREES, rounds=rounds, targets=(REGRESSION,),
+                 against=AGAINST_TREE, alternate=True, freshServers=True)
     ]
 
 

@@ -277,7 +277,7 @@ def _startPlainKvtwist(kind: str, options: Options, workdir: Path, store: list[s
         "--max-connections", str(MAX_CONNECTIONS),
         *store,
     ]
-    if kind.endswith("-always"):
+    if kind.removesuffix(BASELINE_SUFFIX).endswith("-always"):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
     if kind.endswith("-metrics"):
         argv += ["--metrics", f"tcp:0:interface={HOST}"]
@@ -349,6 +349,7 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     # The same kvtwist servers, run from another source tree (--baseline-tree).
     "kvtwist-baseline": _startKvtwist,
     "kvtwist-pypy-baseline": _startKvtwist,
+    "kvtwist-always-baseline": _startKvtwist,
     # kvtwist nodes keeping their data in a remote engine started for them.
     "kvtwist-redis": _startKvtwist,
     "kvtwist-etcd": _startKvtwist,
