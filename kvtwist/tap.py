@@ -18,7 +18,7 @@ from kvtwist.server.arguments import (
 from kvtwist.server.factory import DEFAULT_MAX_CONNECTIONS, KVFactory
 from kvtwist.server.listening import listeningService
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT
-from kvtwist.server.reactor import installUnlessChosen
+from kvtwist.server.reactorchoice import installUnlessChosen
 from kvtwist.storage.datadir import DataDirLocked
 from kvtwist.storage.durable import DurableService, DurableStore, announceStore
 from kvtwist.storage.fsync import DEFAULT_FSYNC, FSYNC_POLICIES

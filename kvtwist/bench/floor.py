@@ -41,7 +41,7 @@ from twisted.internet import defer, endpoints, task, threads
 # base class that every supported Twisted accepts), nor a store.
 from kvtwist.server.factory import FactoryBase
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
-from kvtwist.server.reactor import installUnlessChosen
+from kvtwist.server.reactorchoice import installUnlessChosen
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
 

@@ -21,13 +21,14 @@ docs/twisted-read-path.md proposes the same change to Twisted itself.
 The reactor overrides ``doPoll`` and reads three private attributes of
 Twisted's epoll reactor (``_poller``, ``_selectables``,
 ``_doReadOrWrite``). It checks once, when it is made, that this Twisted
-has them; if not, every poll is Twisted's own.
+has them; if not, every poll is Twisted's own. Like Twisted's epoll
+reactor, this module imports only where epoll exists (Linux);
+``kvtwist.server.reactorchoice`` decides whether to use it.
 """
 
 from __future__ import annotations
 
 import errno
-import sys
 from typing import Any
 
 from twisted.internet import epollreactor
@@ -133,16 +134,3 @@ class LazyContextEPollReactor(epollreactor.EPollReactor):
 def install() -> None:
     """Install kvtwist's reactor as the global reactor (``twistd --reactor=kvepoll``)."""
     installReactor(LazyContextEPollReactor())
-
-
-def installUnlessChosen() -> Any:
-    """
-    Install kvtwist's reactor unless a reactor is installed already (as
-    ``twistd --reactor`` does before the plugin's options are parsed), and
-    return the reactor in use.
-    """
-    if "twisted.internet.reactor" not in sys.modules and sys.platform.startswith("linux"):
-        install()
-    from twisted.internet import reactor
-
-    return reactor
