@@ -384,9 +384,8 @@ def test_the_floor_server_answers_every_line_and_nothing_else(kind: str) -> None
         server.stop()
 
 
-@pytest.mark.parametrize("kind", ["twisted-floor-always"])
-def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync(kind: str) -> None:
-    server = servers.start(kind, servers.Options())
+def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync() -> None:
+    server = servers.start("twisted-floor-always", servers.Options())
     try:
         journal = server.workdir / "journal"
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
