@@ -17,7 +17,7 @@ import pytest
 from kvtwist.bench import build, cli, loadgen, plan, procfs, servers
 from kvtwist.bench.loadgen import Load
 from kvtwist.bench.plan import AGAINST_TREE, REGRESSION, Scenario, Target
-from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, summarize, verdicts
+from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, portableCommand, summarize, verdicts
 from kvtwist.bench.runner import Measurement, roundOrder
 from kvtwist.bench.stats import median, medianRatio, mergeHistograms, pairedRatios, percentileFromHistogram
 
@@ -237,6 +237,13 @@ def test_a_floor_target_is_judged_against_the_floor_on_the_same_interpreter() ->
     ]
 
 
+def test_the_recorded_command_names_each_path_by_its_role() -> None:
+    argv = ["--rounds", "5", "--pypy", "/opt/pypy/bin/pypy3", "--out=/home/me/run", "--only", "always",
+            "--baseline-tree", "/src/old", "--server-python=/usr/bin/python3", "--build-dir", "/var/cache/kb"]
+    assert portableCommand(argv) == ["--rounds", "5", "--pypy", "PYPY", "--out=DIR", "--only", "always",
+                                     "--baseline-tree", "BASELINE", "--server-python=PYTHON", "--build-dir", "BUILD"]
+
+
 def test_the_quick_plan_judges_no_target() -> None:
     assert all(not s.targets for s in plan.quickPlan(durable=True, trees=True))
     assert any(s.targets for s in plan.fullPlan())
@@ -415,6 +422,8 @@ def test_quick_run_end_to_end(tmp_path: Path, buildDir: Path) -> None:
     assert "round 1/" in proc.stderr  # progress is shown while it runs
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["nproc"] == os.cpu_count()
+    # The recorded command names no path of the machine that ran it.
+    assert results["command"] == ["python", "-m", "kvtwist.bench", "--quick", "--out", "DIR", "--build-dir", "BUILD"]
     ran = {(m["scenario"], m["server"]) for m in results["measurements"]}
     for scenario in results["plan"]:
         for server in scenario["servers"]:

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report.writeJson(
         args.out / "results.json",
-        command=["python", "-m", "kvtwist.bench", *report.homeRelative(sys.argv[1:] if argv is None else argv)],
+        command=["python", "-m", "kvtwist.bench", *report.portableCommand(sys.argv[1:] if argv is None else argv)],
         machine=report.machine(args.server_python, args.pypy, redis),
         trees=versions,
         plan=ran, summary=rows, targets=verdicts, measurements=measurements,

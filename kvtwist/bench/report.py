@@ -254,10 +254,37 @@ def trees(baselineTree: Path | None) -> dict[str, str]:
     }
 
 
-def homeRelative(argv: Sequence[str]) -> list[str]:
-    """The command line with the home directory written as ``~``, as a reader would type it."""
-    home = str(Path.home())
-    return [("~" + a[len(home):]) if a.startswith(home + os.sep) else a for a in argv]
+# Options whose values are paths on the machine that ran the benchmark,
+# with the word the recorded command shows instead (as docs/performance.md
+# writes them): a reader reruns the command with paths of their own.
+_MACHINE_PATHS = {
+    "--pypy": "PYPY",
+    "--server-python": "PYTHON",
+    "--out": "DIR",
+    "--baseline-tree": "BASELINE",
+    "--build-dir": "BUILD",
+}
+
+
+def portableCommand(argv: Sequence[str]) -> list[str]:
+    """The command line as results.json records it: each path of this machine replaced by its role."""
+    out: list[str] = []
+    hide = None
+    for arg in argv:
+        if hide is not None:
+            out.append(hide)
+            hide = None
+            continue
+        option, equals, _ = arg.partition("=")
+        if option in _MACHINE_PATHS:
+            if equals:
+                out.append(f"{option}={_MACHINE_PATHS[option]}")
+            else:
+                out.append(arg)
+                hide = _MACHINE_PATHS[option]
+            continue
+        out.append(arg)
+    return out
 
 
 def writeJson(path: Path, **sections: object) -> None:
