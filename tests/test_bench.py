@@ -244,6 +244,23 @@ def test_the_recorded_command_names_each_path_by_its_role() -> None:
                                      "--baseline-tree", "BASELINE", "--server-python=PYTHON", "--build-dir", "BUILD"]
 
 
+def test_each_target_compares_servers_that_run_side_by_side() -> None:
+    judged = 0
+    # Memory per key does not drift with the machine's load as throughput does.
+    for s in plan.fullPlan(durable=True):
+        if s.memory:
+            continue
+        for target in s.targets:
+            for kind in target.only or [k for k in s.servers if k in servers.REDIS_COUNTERPART]:
+                if s.against != plan.AGAINST_REDIS:
+                    continue
+                other = servers.FLOOR_OF[kind] if target.baseline == plan.FLOOR else servers.REDIS_COUNTERPART[kind]
+                assert abs(s.servers.index(kind) - s.servers.index(other)) == 1, (s.key, kind, other)
+                assert s.alternate, s.key
+                judged += 1
+    assert judged >= 8
+
+
 def test_the_quick_plan_judges_no_target() -> None:
     assert all(not s.targets for s in plan.quickPlan(durable=True, trees=True))
     assert any(s.targets for s in plan.fullPlan())
