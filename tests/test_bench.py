@@ -256,7 +256,7 @@ def test_each_target_compares_servers_that_run_side_by_side() -> None:
                     continue
                 other = servers.FLOOR_OF[kind] if target.baseline == plan.FLOOR else servers.REDIS_COUNTERPART[kind]
                 assert abs(s.servers.index(kind) - s.servers.index(other)) == 1, (s.key, kind, other)
-                assert s.alternate, s.key
+                assert s.alternate and s.freshServers, s.key
                 judged += 1
     assert judged >= 8
 

@@ -86,7 +86,9 @@ class Scenario:
 # on a shared VM a server's throughput drifts by tens of percent within
 # a minute. So every kvtwist kind runs right beside what its targets
 # compare it with (its floor on one side, Redis on the other), and these
-# scenarios alternate, so that neither of a pair always runs first.
+# scenarios alternate, so that neither of a pair always runs first. They
+# also start new processes every round (``freshServers``): one process's
+# luck would otherwise bias all five rounds alike.
 _ALWAYS = ("twisted-floor-always", "kvtwist-always", "redis-always", "kvtwist-pypy-always", "twisted-floor-pypy-always")
 
 
@@ -168,14 +170,14 @@ def fullPlan(
         # (And the floor on Twisted's own reactor: what kvtwist's saves.)
         Scenario("c50", "50 conns, no pipelining", base, ("twisted-floor-stock-reactor", *_WITH_FLOORS), rounds=rounds,
                  targets=(Target("rps", ">=", 0.95, FLOOR, ("kvtwist",)), Target("rps", ">=", 1.0, only=("kvtwist-pypy",))),
-                 alternate=True),
+                 alternate=True, freshServers=True),
         Scenario("c50-d16", "50 conns, depth 16", replace(base, depth=16), _WITH_FLOORS, rounds=rounds,
                  targets=(Target("rps", ">=", 1.3, only=("kvtwist",)), Target("cpu", "<=", 1.0, only=("kvtwist",))),
-                 alternate=True),
+                 alternate=True, freshServers=True),
         Scenario("idle10k", "10,000 conns, 50 active", replace(base, idle=9950), _WITH_FLOORS, rounds=rounds,
                  targets=(Target("rps", ">=", 0.95, FLOOR, ("kvtwist",)), Target("p99", "<=", 1.05, FLOOR, ("kvtwist",)),
                           Target("rps", ">=", 1.0, only=("kvtwist-pypy",))),
-                 alternate=True),
+                 alternate=True, freshServers=True),
     ]
     plan += [
         Scenario(f"sweep-c{n}", f"{n} conns", replace(short, connections=n), rounds=sweepRounds)
@@ -192,7 +194,7 @@ def fullPlan(
             Scenario("always", "50 conns, fsync always", base, _ALWAYS, rounds=rounds,
                      targets=(Target("rps", ">=", 0.8, only=("kvtwist-always",)),
                               Target("rps", ">=", 1.0, only=("kvtwist-pypy-always",))),
-                     alternate=True)
+                     alternate=True, freshServers=True)
         )
     return plan
 
