@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtwist.bench import build, cli, loadgen, plan, procfs, servers
+from kvtwist.bench import build, cli, loadgen, plan, procfs, runner, servers
 from kvtwist.bench.loadgen import Load
 from kvtwist.bench.plan import AGAINST_TREE, REGRESSION, Scenario, Target
 from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, portableCommand, summarize, verdicts
@@ -150,6 +150,27 @@ def test_sample_of_this_process_matches_os_times() -> None:
     sample = procfs.sample(os.getpid())
     assert sample.cpu == pytest.approx(times.user + times.system, abs=0.05)
     assert 1024 * 1024 < sample.rss < 10 * 1024**3
+
+
+def test_a_server_is_read_only_once_it_has_gone_quiet() -> None:
+    # A process that works through one second of CPU after its load (as a
+    # server closing 10,000 connections does), then idles.
+    busy = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "while time.process_time() < 1.0:\n"
+        "    pass\n"
+        "time.sleep(60)\n"
+    )])
+    try:
+        runner.waitUntilQuiet(busy.pid, timeout=20)
+        assert procfs.sample(busy.pid).cpu >= 0.9
+        # And an idle process is quiet at once.
+        started = time.monotonic()
+        runner.waitUntilQuiet(busy.pid, timeout=20)
+        assert time.monotonic() - started < 5
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_median_ratio_is_paired_by_round() -> None:
@@ -543,4 +564,63 @@ def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(
     requestcost.main(["--requests", "50", "--repeat", "1"])
     printed = capsys.readouterr().out
     for name in received:
+        assert f"{name}:" in printed
+
+
+def test_requestcost_with_fsync_always_answers_every_request_once_its_turn_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twisted.internet.testing import StringTransport
+
+    from kvtwist.bench import requestcost
+
+    connections = requestcost.CONNECTIONS
+    stream = requestcost.requests(connections * 40, seed=5)
+    transports: list[StringTransport] = []
+
+    def recording() -> StringTransport:
+        transports.append(StringTransport())
+        return transports[-1]
+
+    turns = requestcost.durableServers(str(tmp_path), recording)
+    try:
+        # A write's reply waits for the fsync that its turn's end starts
+        # (the pure path's connections are the last ones made).
+        pure, transport, added = turns["kvtwist, pure Python"], transports[-connections], requestcost.KEYS + 1
+        pure.received[0](b"put %d 1\n" % added)
+        assert transport.value() == b""
+        pure.clock.advance(0)
+        assert transport.value() == b"OK\n"
+        pure.received[0](b"del %d\n" % added)
+        pure.clock.advance(0)
+        assert transport.value() == b"OK\nOK\n"
+        transport.clear()
+        for run in turns.values():
+            run(stream)
+    finally:
+        for run in turns.values():
+            run.close()
+    model = {key: key for key in range(requestcost.KEYS)}
+    expected = []
+    for line in stream:
+        verb, *numbers = line.split()
+        key = int(numbers[0])
+        if verb == b"get":
+            expected.append(b"%d\n" % model[key] if key in model else b"Key not found\n")
+        elif verb == b"put":
+            expected.append(b"Key already exists\n" if key in model else b"OK\n")
+            model.setdefault(key, int(numbers[1]))
+        else:
+            expected.append(b"OK\n" if model.pop(key, None) is not None else b"Key not found\n")
+    for index, name in enumerate(turns):
+        mine = transports[index * connections : (index + 1) * connections]
+        if name == "floor":
+            assert all(t.value() == b"OK\n" * 40 for t in mine)
+            continue
+        # Each connection got its own requests' replies, in order, all of them.
+        for c, transport in enumerate(mine):
+            assert transport.value() == b"".join(expected[c::connections]), (name, c)
+    requestcost.main(["--fsync-always", "--requests", "100", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    for name in turns:
         assert f"{name}:" in printed

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, endpoints, task, threads
 
@@ -44,6 +44,9 @@ from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
 from kvtwist.server.reactorchoice import installUnlessChosen
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import Batch
+
+if TYPE_CHECKING:
+    from kvtwist.storage.fsync import RunBlocking
 
 DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
 OK = b"OK\n"
@@ -100,10 +103,14 @@ class DurableFloorFactory(FloorFactory):
 
     protocol = DurableFloorProtocol
 
-    def __init__(self, reactor: Any, journalPath: str, inThread: bool = False) -> None:
+    def __init__(
+        self, reactor: Any, journalPath: str, inThread: bool = False, runBlocking: RunBlocking | None = None
+    ) -> None:
+        """``runBlocking`` runs the fsync in a thread when ``inThread`` (Twisted's thread pool by default)."""
         super().__init__(reactor)
         self._fd = os.open(journalPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._inThread = inThread
+        self._runBlocking: RunBlocking = runBlocking or (lambda fn: threads.deferToThread(fn))
         # Replies whose records no fsync has yet been started for.
         self._held: list[tuple[FloorProtocol, Batch]] = []
         self._scheduled = False
@@ -125,7 +132,8 @@ class DurableFloorFactory(FloorFactory):
             self._release(covered)
             return
         self._syncing = True
-        threads.deferToThread(os.fdatasync, self._fd).addCallback(lambda _: self._synced(covered))
+        fd = self._fd
+        self._runBlocking(lambda: os.fdatasync(fd)).addCallback(lambda _: self._synced(covered))
 
     def _synced(self, covered: list[tuple[FloorProtocol, Batch]]) -> None:
         self._syncing = False

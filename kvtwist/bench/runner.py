@@ -17,8 +17,16 @@ _PREFILL = Load(connections=4, depth=64, fill=True)
 # Then each server runs the scenario's load unmeasured for this long, so a
 # JIT (PyPy) has compiled the hot paths before round 1.
 SERVER_WARMUP = 3.0
-# Time for the server to finish closing connections before its CPU is read.
+# After a load the server may still be closing its connections (10,000 of
+# them in idle10k, which takes a Python server a second or more): its CPU
+# is read, and the next server measured, only once it has gone quiet, so
+# that one server's teardown is counted in its own CPU and never runs
+# during another's round. Quiet: at most QUIET_CPU seconds of CPU in a
+# QUIET_WINDOW (a tenth of a core), checked after at least _SETTLE.
 _SETTLE = 0.2
+QUIET_WINDOW = 0.2
+QUIET_CPU = 0.02
+_QUIET_TIMEOUT = 30.0
 
 
 @dataclass
@@ -64,7 +72,7 @@ def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Pat
         time.sleep(0.05)
         peak = max(peak, procfs.sample(server.pid).rss)
     result = loadgen.finish(proc, timeout=60)
-    time.sleep(_SETTLE)
+    waitUntilQuiet(server.pid)
     after = procfs.sample(server.pid)
     return Measurement(
         scenario=scenario.key,
@@ -84,6 +92,19 @@ def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Pat
         keys=load.keyspace if load.fill else 0,
         histogram=result.histogram,
     )
+
+
+def waitUntilQuiet(pid: int, timeout: float = _QUIET_TIMEOUT) -> None:
+    """Return once process ``pid`` has used at most ``QUIET_CPU`` seconds of CPU in a ``QUIET_WINDOW`` (or after ``timeout``)."""
+    time.sleep(_SETTLE)
+    deadline = time.monotonic() + timeout
+    last = procfs.sample(pid).cpu
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_WINDOW)
+        now = procfs.sample(pid).cpu
+        if now - last <= QUIET_CPU:
+            return
+        last = now
 
 
 def _describe(m: Measurement) -> str:
