@@ -145,7 +145,11 @@ def runScenario(
 
     def prime(started: list[servers.Server]) -> None:
         prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
-        warm = replace(scenario.load, idle=0, warmup=0, duration=serverWarmup)
+        # The warm-up is the scenario's load, idle connections included: a
+        # process that first grows to 10,000 connections (its allocator,
+        # its garbage collector's generations) does so here, once, as a
+        # long-running server does, and not in a measured round.
+        warm = replace(scenario.load, warmup=0, duration=serverWarmup)
         for server in started:
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
             if serverWarmup:
