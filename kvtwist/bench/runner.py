@@ -62,8 +62,15 @@ class Measurement:
 Progress = Callable[[str], None]
 
 
-def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Path) -> Measurement:
-    """Run the scenario's load once against ``server``, sampling its /proc meanwhile."""
+def measure(
+    server: servers.Server, scenario: Scenario, round: int, kvbench: Path, rssBaseline: int | None = None
+) -> Measurement:
+    """
+    Run the scenario's load once against ``server``, sampling its /proc
+    meanwhile. ``rssBaseline``: the server's resident bytes before it
+    first opened the scenario's idle connections, which the memory per
+    connection is counted from (else from the start of this load).
+    """
     load = scenario.load
     before = procfs.sample(server.pid)
     proc = loadgen.start(kvbench, load, server.port, server.proto)
@@ -84,7 +91,7 @@ def measure(server: servers.Server, scenario: Scenario, round: int, kvbench: Pat
         p999=result.p999,
         errors=result.errors,
         cpu=(after.cpu - before.cpu) * 1e6 / max(result.totalRequests, 1),
-        rssBefore=before.rss,
+        rssBefore=before.rss if rssBaseline is None else rssBaseline,
         rssPeak=max(peak, after.rss),
         rssAfter=after.rss,
         pid=server.pid,
@@ -127,8 +134,11 @@ def runScenario(
     """All rounds of one scenario; the servers take turns within each round (A B, A B, ...)."""
     results: list[Measurement] = []
 
+    # Each server's resident bytes once filled and warmed, before it first opened the scenario's idle connections.
+    filled: dict[int, int] = {}
+
     def record(server: servers.Server, round: int) -> None:
-        m = measure(server, scenario, round, kvbench)
+        m = measure(server, scenario, round, kvbench, filled.get(server.pid))
         results.append(m)
         progress(f"  {scenario.title} | round {round + 1}/{scenario.rounds} | {server.kind}: {_describe(m)}")
 
@@ -145,15 +155,22 @@ def runScenario(
 
     def prime(started: list[servers.Server]) -> None:
         prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
-        # The warm-up is the scenario's load, idle connections included: a
-        # process that first grows to 10,000 connections (its allocator,
-        # its garbage collector's generations) does so here, once, as a
-        # long-running server does, and not in a measured round.
-        warm = replace(scenario.load, warmup=0, duration=serverWarmup)
+        warm = replace(scenario.load, idle=0, warmup=0, duration=serverWarmup)
+        # Then the idle connections are opened once, unmeasured: a process
+        # that first grows to 10,000 connections (its allocator, its
+        # garbage collector's generations) does so here, as a long-running
+        # server did long ago, and not in a measured round. What it grew
+        # by is the memory per connection, counted from just before.
+        grow = replace(scenario.load, warmup=0, duration=0.5) if scenario.load.idle else None
         for server in started:
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
             if serverWarmup:
                 loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
+            waitUntilQuiet(server.pid)
+            filled[server.pid] = procfs.sample(server.pid).rss
+            if grow is not None:
+                loadgen.finish(loadgen.start(kvbench, grow, server.port, server.proto), timeout=120)
+                waitUntilQuiet(server.pid)
 
     def startAll() -> list[servers.Server]:
         running: list[servers.Server] = []
