@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet.testing import StringTransport
 
 from kvtwist.bench import build, cli, loadgen, plan, procfs, runner, servers
 from kvtwist.bench.loadgen import Load
@@ -539,26 +540,21 @@ def test_enginecost_times_every_step_and_each_pair_does_the_same_work(capsys: py
         assert f"{name}:" in printed
 
 
-def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(capsys: pytest.CaptureFixture[str]) -> None:
-    from twisted.internet.testing import StringTransport
-
-    from kvtwist.bench import requestcost
-
-    stream = requestcost.requests(2_000, seed=3)
-    assert {line.split()[0] for line in stream} == {b"get", b"put", b"del"}
+def _recordingTransports() -> tuple[list[StringTransport], Callable[[], StringTransport]]:
+    """A list, and a transport factory that appends each transport it makes to it."""
     transports: list[StringTransport] = []
 
     def recording() -> StringTransport:
         transports.append(StringTransport())
         return transports[-1]
 
-    received = requestcost.servers(recording)
-    for dataReceived in received.values():
-        for line in stream:
-            dataReceived(line)
-    replies = dict(zip(received, (t.value() for t in transports)))
-    assert replies["floor"] == b"OK\n" * len(stream)
-    # What a store that starts with every key holding itself must answer.
+    return transports, recording
+
+
+def _modelReplies(stream: list[bytes]) -> list[bytes]:
+    """The replies to ``stream`` of a store that starts with every requestcost key holding itself."""
+    from kvtwist.bench import requestcost
+
     model = {key: key for key in range(requestcost.KEYS)}
     expected = []
     for line in stream:
@@ -571,6 +567,22 @@ def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(
             model.setdefault(key, int(numbers[1]))
         else:
             expected.append(b"OK\n" if model.pop(key, None) is not None else b"Key not found\n")
+    return expected
+
+
+def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtwist.bench import requestcost
+
+    stream = requestcost.requests(2_000, seed=3)
+    assert {line.split()[0] for line in stream} == {b"get", b"put", b"del"}
+    transports, recording = _recordingTransports()
+    received = requestcost.servers(recording)
+    for dataReceived in received.values():
+        for line in stream:
+            dataReceived(line)
+    replies = dict(zip(received, (t.value() for t in transports)))
+    assert replies["floor"] == b"OK\n" * len(stream)
+    expected = _modelReplies(stream)
     for name in received.keys() - {"floor"}:
         assert replies[name] == b"".join(expected), name
     requestcost.main(["--requests", "50", "--repeat", "1"])
@@ -582,18 +594,11 @@ def test_requestcost_feeds_every_server_the_same_requests_and_each_answers_them(
 def test_requestcost_with_fsync_always_answers_every_request_once_its_turn_ends(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from twisted.internet.testing import StringTransport
-
     from kvtwist.bench import requestcost
 
     connections = requestcost.CONNECTIONS
     stream = requestcost.requests(connections * 40, seed=5)
-    transports: list[StringTransport] = []
-
-    def recording() -> StringTransport:
-        transports.append(StringTransport())
-        return transports[-1]
-
+    transports, recording = _recordingTransports()
     turns = requestcost.durableServers(str(tmp_path), recording)
     try:
         # A write's reply waits for the fsync that its turn's end starts
@@ -612,18 +617,7 @@ def test_requestcost_with_fsync_always_answers_every_request_once_its_turn_ends(
     finally:
         for run in turns.values():
             run.close()
-    model = {key: key for key in range(requestcost.KEYS)}
-    expected = []
-    for line in stream:
-        verb, *numbers = line.split()
-        key = int(numbers[0])
-        if verb == b"get":
-            expected.append(b"%d\n" % model[key] if key in model else b"Key not found\n")
-        elif verb == b"put":
-            expected.append(b"Key already exists\n" if key in model else b"OK\n")
-            model.setdefault(key, int(numbers[1]))
-        else:
-            expected.append(b"OK\n" if model.pop(key, None) is not None else b"Key not found\n")
+    expected = _modelReplies(stream)
     for index, name in enumerate(turns):
         mine = transports[index * connections : (index + 1) * connections]
         if name == "floor":
