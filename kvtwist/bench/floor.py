@@ -110,7 +110,7 @@ class DurableFloorFactory(FloorFactory):
         super().__init__(reactor)
         self._fd = os.open(journalPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._inThread = inThread
-        self._runBlocking: RunBlocking = runBlocking or (lambda fn: threads.deferToThread(fn))
+        self._runBlocking: RunBlocking = runBlocking or threads.deferToThread
         # Replies whose records no fsync has yet been started for.
         self._held: list[tuple[FloorProtocol, Batch]] = []
         self._scheduled = False

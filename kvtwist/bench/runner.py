@@ -134,7 +134,7 @@ def runScenario(
     """All rounds of one scenario; the servers take turns within each round (A B, A B, ...)."""
     results: list[Measurement] = []
 
-    # Each server's resident bytes once filled and warmed, before it first opened the scenario's idle connections.
+    # With idle connections: each server's resident bytes once filled and warmed, before it first opened them.
     filled: dict[int, int] = {}
 
     def record(server: servers.Server, round: int) -> None:
@@ -166,9 +166,9 @@ def runScenario(
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
             if serverWarmup:
                 loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
-            waitUntilQuiet(server.pid)
-            filled[server.pid] = procfs.sample(server.pid).rss
             if grow is not None:
+                waitUntilQuiet(server.pid)
+                filled[server.pid] = procfs.sample(server.pid).rss
                 loadgen.finish(loadgen.start(kvbench, grow, server.port, server.proto), timeout=120)
                 waitUntilQuiet(server.pid)
 
