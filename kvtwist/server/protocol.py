@@ -425,16 +425,8 @@ class KVProtocol(Protocol, TimeoutMixin):
             batch = Batch()
             if self._untilTimed:
                 batch.received = self._timeThisChunk()
-        if compiledStore is not None and self._commands is _COMMANDS:
-            limit, counts = factory.maxRequest, self._counts
-            replies, rest = self._runCompiled(
-                lambda start: compiledStore.runChunk(buffered, start, limit, counts), buffered, batch
-            )
-        elif journaled is not None and self._commands is _COMMANDS:
-            limit, counts = factory.maxRequest, self._counts
-            replies, rest = self._runCompiled(
-                lambda start: journaled.runChunk(buffered, start, limit, counts, batch), buffered, batch
-            )
+        if (compiledStore is not None or journaled is not None) and self._commands is _COMMANDS:
+            replies, rest = self._runCompiled(buffered, batch)
         else:
             lines = buffered.split(b"\n")
             rest = lines.pop()
@@ -501,18 +493,15 @@ class KVProtocol(Protocol, TimeoutMixin):
             return True
         return False
 
-    def _runCompiled(
-        self, runChunk: Callable[[int], tuple[bytes, int]], buffered: bytes, batch: Batch
-    ) -> tuple[list[bytes], bytes]:
+    def _runCompiled(self, buffered: bytes, batch: Batch) -> tuple[list[bytes], bytes]:
         """
-        ``_run`` for a store that runs requests in C (``runChunk`` from an
-        offset of ``buffered``): the common lines of the chunk run there
-        without a Python object per request, and each line it leaves
-        (anything unusual) runs here, the reference path. Returns the
-        replies and the unfinished request after the last LF.
+        ``_run`` for a store that runs requests in C: the common lines of
+        the chunk run there without a Python object per request, and each
+        line it leaves (anything unusual) runs here, the reference path.
+        Returns the replies and the unfinished request after the last LF.
         """
         end = buffered.rfind(b"\n") + 1
-        replies, offset = runChunk(0)
+        replies, offset = self._runInC(buffered, 0, batch)
         out = [replies]
         careful: bool | None = None
         while offset != end:
@@ -522,9 +511,17 @@ class KVProtocol(Protocol, TimeoutMixin):
             out += self._run([buffered[offset:lineEnd]], careful, batch)
             if self._closing:
                 break
-            replies, offset = runChunk(lineEnd + 1)
+            replies, offset = self._runInC(buffered, lineEnd + 1, batch)
             out.append(replies)
         return out, buffered[end:]
+
+    def _runInC(self, buffered: bytes, start: int, batch: Batch) -> tuple[bytes, int]:
+        """The store's ``runChunk`` from ``start``: its replies, and where it stopped."""
+        limit, counts = self.factory.maxRequest, self._counts
+        if self._compiled is not None:
+            return self._compiled.runChunk(buffered, start, limit, counts)
+        assert self._journaled is not None, "no store that runs requests in C"
+        return self._journaled.runChunk(buffered, start, limit, counts, batch)
 
     def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> list[bytes]:
         """``_run`` before authentication: one request at a time, as ``auth`` may unlock the rest."""
