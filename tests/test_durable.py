@@ -347,6 +347,33 @@ def test_always_never_sends_a_reply_whose_fsync_failed(tmp_path, monkeypatch) ->
     assert durable.store.durable == 0, "no later fsync of that journal counts"
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_failed_write_under_always_takes_the_turn_s_changes_back(tmp_path, monkeypatch, code) -> None:
+    """Under always, a turn's records are written in one go before its fsync: a failed write takes the turn back."""
+    service, factory, clock = serve(tmp_path, "always")
+    protos = [connect(factory) for _ in range(2)]
+    protos[0][0].dataReceived(b"put 1 1\nput 2 2\n")
+    clock.advance(0)
+    assert protos[0][1].value() == b"OK\nOK\n"
+    store = factory.store
+    journal = tmp_path / "journal-00000001.kvj"
+    size = journal.stat().st_size
+    protos[0][0].dataReceived(b"del 1\nput 3 3\n")
+    protos[1][0].dataReceived(b"get 3\nget 2\n")
+    assert sorted(store.items()) == [(2, 2), (3, 3)]
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+    clock.advance(0)
+    monkeypatch.undo()
+    # Nothing of the turn stays applied, and nothing that depended on it was answered.
+    assert sorted(store.items()) == [(1, 1), (2, 2)]
+    assert journal.stat().st_size == size
+    assert protos[0][1].value() == b"OK\nOK\n" and protos[1][1].value() == b""
+    assert protos[0][1].disconnecting and protos[1][1].disconnecting
+    assert store.readOnlyReason == f"journal write failed: {os.strerror(code)}"
+    stop(service, clock)
+    assert sorted(recover(str(tmp_path)).map.items()) == [(1, 1), (2, 2)]
+
+
 # --fsync everysec and no
 
 def test_everysec_syncs_once_a_second_and_replies_at_once(tmp_path, monkeypatch) -> None:

@@ -51,7 +51,7 @@ class DurableStore(JournaledStore):
         crashpoint: Crashpoint = noCrash,
         compactMinBytes: int = COMPACT_MIN_BYTES,
     ) -> None:
-        super().__init__(opened, trackDependencies=fsync == "always")
+        super().__init__(opened, holdReplies=POLICIES[fsync].holdsReplies)
         self.fsync = fsync
         self.reactor = reactor
         blocking = runBlocking or _inThreadPool(reactor)

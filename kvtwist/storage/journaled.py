@@ -5,13 +5,19 @@ write to the operating system), then applied to the in-memory store, which
 stays the source of truth for reads.  If the append fails, nothing is
 applied, and the store turns read-only.
 
+When replies wait for an fsync anyway (``holdReplies``: ``--fsync
+always``), a write per change would only cost a system call: the change
+is applied at once and its record kept pending, to be written with the
+others (``writePending``, one write) before the fsync that its replies
+wait for.  If that write fails, the changes are taken back, newest first,
+so that again nothing stays applied that is not in the journal, and the
+store turns read-only; the replies that waited are never sent.
+
 On the compiled path (``kvtwist.compiled``) the in-memory store is a
 ``CompiledStore``, and a chunk's common requests run in C
-(``runJournaledChunk``): its changes are applied at once and their records
-kept pending, to be written together (``writePending``) before any reply
-that depends on them leaves and before any fsync.  If that write fails,
-the changes are taken back, so that again nothing stays applied that is
-not in the journal, and the store turns read-only.
+(``runJournaledChunk``), which keeps the records of its changes pending in
+the same way, whatever the policy; ``DurableStore`` writes them at once
+when the policy sends replies without an fsync.
 
 What this module does not decide: when records reach the disk and which
 replies wait for them (the fsync policies in ``kvtwist.storage.fsync``),
@@ -102,14 +108,15 @@ class JournaledStore:
     The store whose changes are appended to a journal in a data directory.
 
     It counts the records it appends; the fsync policy tells it, through
-    ``markDurable``, how many of them are on disk.  With
-    ``trackDependencies`` it also notes in each request's ``Batch`` the
-    newest record the reply depends on, for policies that hold replies
-    back until then.  Delivering replies is the policy's business, so
-    this class is completed into an ``IStore`` by ``DurableStore``.
+    ``markDurable``, how many of them are on disk.  With ``holdReplies``
+    (for policies that hold replies back until an fsync covers what they
+    depend on) it also notes in each request's ``Batch`` the newest record
+    the reply depends on, and keeps records pending until ``writePending``.
+    Delivering replies is the policy's business, so this class is
+    completed into an ``IStore`` by ``DurableStore``.
     """
 
-    def __init__(self, opened: OpenedDirectory, trackDependencies: bool = False) -> None:
+    def __init__(self, opened: OpenedDirectory, holdReplies: bool = False) -> None:
         self.dirPath = opened.path
         self.lock = opened.lock
         self.memory = opened.memory
@@ -125,9 +132,15 @@ class JournaledStore:
         # Records appended so far, and how many of them are known durable.
         self.appended = 0
         self.durable = 0
-        # With dependency tracking: each key changed by a record not yet
-        # durable, with that record's number.  None: not tracking.
-        self._dirty: dict[int, int] | None = {} if trackDependencies else None
+        # With held replies: each key changed by a record not yet durable,
+        # with that record's number.  None: replies are not held.
+        self._dirty: dict[int, int] | None = {} if holdReplies else None
+        # On the Python path with held replies: the records of changes
+        # applied but not yet written, and what undoes each (the key, and
+        # its value before the change, None if it had none).
+        self._holdRecords = holdReplies and self.compiled is None
+        self._pending: list[bytes] = []
+        self._undo: list[tuple[int, int | None]] = []
 
     # The store methods
 
@@ -139,7 +152,7 @@ class JournaledStore:
             return False
         if self.memory.full:
             raise StoreFull(STORE_FULL)
-        self._append(encodePut(key, value), key, batch)
+        self._append(encodePut(key, value), key, None, batch)
         self.memory.put(key, value, batch)
         return True
 
@@ -158,7 +171,8 @@ class JournaledStore:
             if self._dirty:
                 self._dependOn(key, batch)
             return False
-        self._append(encodeDel(key), key, batch)
+        previous = self.memory.get(key, batch) if self._holdRecords else None
+        self._append(encodeDel(key), key, previous, batch)
         self.memory.delete(key, batch)
         return True
 
@@ -177,13 +191,18 @@ class JournaledStore:
         if self.readOnlyReason is not None:
             raise StoreReadOnly(f"store is read-only ({self.readOnlyReason})")
 
-    def _append(self, record: bytes, key: int, batch: Batch) -> None:
-        try:
-            self.writePending()
-            self.writer.append(record)
-        except JournalWriteError as e:
-            self.turnReadOnly(f"journal write failed: {e}")
-            raise StoreReadOnly(f"store is read-only ({self.readOnlyReason})") from e
+    def _append(self, record: bytes, key: int, previous: int | None, batch: Batch) -> None:
+        """Journal a change of ``key`` (whose value before it is ``previous``), before the caller applies it."""
+        if self._holdRecords:
+            self._pending.append(record)
+            self._undo.append((key, previous))
+        else:
+            try:
+                self.writePending()
+                self.writer.append(record)
+            except JournalWriteError as e:
+                self.turnReadOnly(f"journal write failed: {e}")
+                raise StoreReadOnly(f"store is read-only ({self.readOnlyReason})") from e
         self.appended += 1
         if self._dirty is not None:
             self._dirty[key] = batch.waitFor = self.appended
@@ -208,12 +227,14 @@ class JournaledStore:
 
     def writePending(self) -> None:
         """
-        Write the records runChunk left pending, in one write. If that
-        fails, their changes are taken back and the store turns read-only;
-        the ``JournalWriteError`` goes on to the caller.
+        Write the records left pending, in one write. If that fails, their
+        changes are taken back and the store turns read-only; the
+        ``JournalWriteError`` goes on to the caller.
         """
         compiled = self.compiled
         if compiled is None:
+            if self._pending:
+                self._writeHeld()
             return
         records = compiled.pendingRecords()
         if not records:
@@ -225,6 +246,23 @@ class JournaledStore:
             self.turnReadOnly(f"journal write failed: {e}")
             raise
         compiled.confirmPending()
+
+    def _writeHeld(self) -> None:
+        """``writePending`` on the Python path."""
+        records, undo = self._pending, self._undo
+        self._pending, self._undo = [], []
+        try:
+            self.writer.append(b"".join(records))
+        except JournalWriteError as e:
+            # Newest first: each change is undone on the state it left.
+            unapplied = Batch()
+            for key, previous in reversed(undo):
+                if previous is None:
+                    self.memory.delete(key, unapplied)
+                else:
+                    self.memory.put(key, previous, unapplied)
+            self.turnReadOnly(f"journal write failed: {e}")
+            raise
 
     def _dependOn(self, key: int, batch: Batch) -> None:
         """A reply about ``key`` depends on the record that last changed it, if not yet durable."""
