@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.bench import build, cli, loadgen, plan, procfs, runner, servers
+from kvtwist.bench import build, cli, floor, loadgen, plan, procfs, runner, servers
 from kvtwist.bench.loadgen import Load
 from kvtwist.bench.plan import AGAINST_TREE, REGRESSION, Scenario, Target
 from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, portableCommand, summarize, verdicts
@@ -458,6 +460,25 @@ def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync() ->
         assert "Traceback" not in server.logText(), server.logText()
     finally:
         server.stop()
+
+
+def test_the_durable_floor_writes_a_turn_s_records_in_one_go_before_its_fsync(tmp_path: Path) -> None:
+    """Like kvtwist, which the floor must never be slower than: no write per chunk, one per turn."""
+    clock = Clock()
+    journal = tmp_path / "journal"
+    factory = floor.DurableFloorFactory(clock, str(journal), inThread=True, runBlocking=defer.maybeDeferred)
+    connections = []
+    for chunk in (b"put 1 1\n", b"del 2\nget 3\n", b"get 4\n"):
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(chunk)
+        connections.append(transport)
+    # Reads leave at once; writes wait for the end of the turn, unwritten.
+    assert [t.value() for t in connections] == [b"", b"", b"OK\n"]
+    assert journal.stat().st_size == 0
+    clock.advance(0)
+    assert journal.stat().st_size == 42
+    assert [t.value() for t in connections] == [b"OK\n", b"OK\nOK\n", b"OK\n"]
 
 
 # End to end

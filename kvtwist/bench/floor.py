@@ -11,9 +11,10 @@ harness measures it in the same rounds as kvtwist and Redis, which turns
 
 ``DurableFloorProtocol`` is the floor of ``--fsync always``: the same,
 plus what the durable store cannot do without. A chunk with a ``put`` or
-``del`` in it writes one 21-byte record per such line to a journal file
-(one ``write`` for the chunk), and its replies wait for the group fsync
-that ends the reactor turn: in the reactor, as Redis's does, or, with
+``del`` in it adds one 21-byte record per such line to the journal, and
+its replies wait for the group fsync that ends the reactor turn, which
+writes the turn's records in one ``write`` (as kvtwist does) and fsyncs
+them: in the reactor, as Redis's does, or, with
 ``--fsync-in-thread``, in Twisted's thread pool while the reactor goes
 on, as kvtwist's does (the harness runs it so); chunks of
 reads leave at once. It checks nothing and tracks no key, so it is faster
@@ -113,12 +114,14 @@ class DurableFloorFactory(FloorFactory):
         self._runBlocking: RunBlocking = runBlocking or threads.deferToThread
         # Replies whose records no fsync has yet been started for.
         self._held: list[tuple[FloorProtocol, Batch]] = []
+        # Records not yet written: the next fsync writes them first.
+        self._records = 0
         self._scheduled = False
         self._syncing = False
 
     def journal(self, protocol: FloorProtocol, batch: Batch, records: int) -> None:
-        """Append ``records`` records; ``batch`` leaves after the next fsync that starts."""
-        os.write(self._fd, RECORD * records)
+        """Add ``records`` records; ``batch`` leaves after the next fsync that starts."""
+        self._records += records
         self._held.append((protocol, batch))
         if not self._scheduled and not self._syncing:
             self._scheduled = True
@@ -127,6 +130,8 @@ class DurableFloorFactory(FloorFactory):
     def _commit(self) -> None:
         self._scheduled = False
         covered, self._held = self._held, []
+        os.write(self._fd, RECORD * self._records)
+        self._records = 0
         if not self._inThread:
             os.fdatasync(self._fd)
             self._release(covered)
