@@ -444,6 +444,17 @@ def test_the_floor_server_answers_every_line_and_nothing_else(kind: str) -> None
         server.stop()
 
 
+def test_servers_on_pypy_warm_up_longer_for_their_jit_and_pairs_alike() -> None:
+    cpython = runner.warmupFor("kvtwist", runner.SERVER_WARMUP)
+    assert cpython == runner.warmupFor("redis", runner.SERVER_WARMUP) == runner.SERVER_WARMUP
+    pypy = runner.warmupFor("kvtwist-pypy-always", runner.SERVER_WARMUP)
+    assert pypy > cpython
+    # kvtwist on PyPy and the floor it is judged against warm up alike.
+    assert runner.warmupFor("twisted-floor-pypy-always", runner.SERVER_WARMUP) == pypy
+    # --quick warms up nothing, on any interpreter.
+    assert runner.warmupFor("kvtwist-pypy", 0.0) == 0.0
+
+
 def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync() -> None:
     server = servers.start("twisted-floor-always", servers.Options())
     try:

@@ -22,7 +22,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per round (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
     p.add_argument("--server-warmup", type=float, default=None,
-                   help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick)")
+                   help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick; "
+                        f"{runner.PYPY_WARMUP_FACTOR:g} times as long on PyPy)")
     keys = ", ".join(s.key for s in plan.fullPlan(trees=True))
     p.add_argument("--only", default="", help=f"comma-separated scenario keys to run, from: {keys} (default all; "
                    f"{' and '.join(plan.TREE_KEYS)} need --baseline-tree)")

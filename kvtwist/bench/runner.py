@@ -14,9 +14,13 @@ from kvtwist.bench.plan import Scenario
 
 # How the keyspace is filled before rounds start: not measured, just fast.
 _PREFILL = Load(connections=4, depth=64, fill=True)
-# Then each server runs the scenario's load unmeasured for this long, so a
-# JIT (PyPy) has compiled the hot paths before round 1.
+# Then each server runs the scenario's load unmeasured for this long, so
+# that its caches and allocator have settled before round 1.
 SERVER_WARMUP = 3.0
+# A server on PyPy warms up this many times as long: its JIT compiles the
+# hot paths as it finds them, and a PyPy kvtwist with --fsync always still
+# served 3 to 9% more after 12 s of load than after 3 (docs/performance.md).
+PYPY_WARMUP_FACTOR = 4.0
 # After a load the server may still be closing its connections (10,000 of
 # them in idle10k, which takes a Python server a second or more): its CPU
 # is read, and the next server measured, only once it has gone quiet, so
@@ -60,6 +64,11 @@ class Measurement:
 
 
 Progress = Callable[[str], None]
+
+
+def warmupFor(kind: str, serverWarmup: float) -> float:
+    """Seconds of unmeasured load for a new server of ``kind`` (longer on PyPy, for its JIT)."""
+    return serverWarmup * PYPY_WARMUP_FACTOR if servers.runsOnPypy(kind) else serverWarmup
 
 
 def measure(
@@ -155,7 +164,6 @@ def runScenario(
 
     def prime(started: list[servers.Server]) -> None:
         prefill = replace(_PREFILL, keyspace=scenario.load.keyspace)
-        warm = replace(scenario.load, idle=0, warmup=0, duration=serverWarmup)
         # Then the idle connections are opened once, unmeasured: a process
         # that first grows to 10,000 connections (its allocator, its
         # garbage collector's generations) does so here, as a long-running
@@ -164,8 +172,10 @@ def runScenario(
         grow = replace(scenario.load, warmup=0, duration=0.5) if scenario.load.idle else None
         for server in started:
             loadgen.finish(loadgen.start(kvbench, prefill, server.port, server.proto), timeout=300)
-            if serverWarmup:
-                loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + serverWarmup)
+            seconds = warmupFor(server.kind, serverWarmup)
+            if seconds:
+                warm = replace(scenario.load, idle=0, warmup=0, duration=seconds)
+                loadgen.finish(loadgen.start(kvbench, warm, server.port, server.proto), timeout=60 + seconds)
             if grow is not None:
                 waitUntilQuiet(server.pid)
                 filled[server.pid] = procfs.sample(server.pid).rss
