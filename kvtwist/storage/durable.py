@@ -21,7 +21,7 @@ from kvtwist.storage.compaction import COMPACT_MIN_BYTES, Compactor, Crashpoint,
 from kvtwist.storage.fsync import POLICIES
 from kvtwist.storage.interface import Batch, IReplyTarget
 from kvtwist.storage.journaled import JournaledStore, OpenedDirectory
-from kvtwist.storage.journalwriter import JournalSyncError, JournalWriteError
+from kvtwist.storage.journalwriter import JournalSyncError
 
 READ_ONLY_HELP = (
     "Puts and dels are refused until the server is restarted; gets go on. "
@@ -60,22 +60,6 @@ class DurableStore(JournaledStore):
         # The journals grow only by appends: the size is looked at again
         # only once something was appended since the last look.
         self._sizeCheckedAt = -1
-
-    def runChunk(self, data: bytes, start: int, maxRequest: int, counts: list[int], batch: Batch) -> tuple[bytes, int]:
-        """
-        ``JournaledStore.runChunk``; the records are written at once unless
-        the policy holds the replies for an fsync anyway (``always``: the
-        fsync writes them, one write for the turn). If that write fails, the
-        chunk's changes were taken back: nothing ran, and the Python path
-        answers the chunk as a read-only store.
-        """
-        replies, done = super().runChunk(data, start, maxRequest, counts, batch)
-        if done != start and not self.policy.holdsReplies:
-            try:
-                self.writePending()
-            except JournalWriteError:
-                return b"", start
-        return replies, done
 
     def deliver(self, target: IReplyTarget, batch: Batch) -> None:
         self.policy.deliver(target, batch)

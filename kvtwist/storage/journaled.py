@@ -132,6 +132,7 @@ class JournaledStore:
         # Records appended so far, and how many of them are known durable.
         self.appended = 0
         self.durable = 0
+        self.holdReplies = holdReplies
         # With held replies: each key changed by a record not yet durable,
         # with that record's number.  None: replies are not held.
         self._dirty: dict[int, int] | None = {} if holdReplies else None
@@ -211,9 +212,13 @@ class JournaledStore:
         """
         Run the common requests of ``data`` from ``start`` in C, as
         ``CompiledStore.runChunk`` does (what it returns, and where it
-        stops), noting in ``batch`` what the replies depend on; their
-        records are pending until ``writePending``. Runs nothing when the
-        store is not on the compiled path or is read-only.
+        stops), noting in ``batch`` what the replies depend on. Their
+        records are written at once, unless replies are held for an fsync
+        anyway (``holdReplies``: the fsync writes them, one write for the
+        turn); if that write fails, the chunk's changes were taken back:
+        nothing ran, and the Python path answers the chunk as a read-only
+        store. Runs nothing when the store is not on the compiled path or
+        is read-only.
         """
         compiled = self.compiled
         if compiled is None or self.readOnlyReason is not None:
@@ -223,6 +228,11 @@ class JournaledStore:
         )
         if waitFor > batch.waitFor:
             batch.waitFor = waitFor
+        if done != start and not self.holdReplies:
+            try:
+                self.writePending()
+            except JournalWriteError:
+                return b"", start
         return replies, done
 
     def writePending(self) -> None:
