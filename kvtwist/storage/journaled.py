@@ -16,8 +16,7 @@ store turns read-only; the replies that waited are never sent.
 On the compiled path (``kvtwist.compiled``) the in-memory store is a
 ``CompiledStore``, and a chunk's common requests run in C
 (``runJournaledChunk``), which keeps the records of its changes pending in
-the same way, whatever the policy; ``DurableStore`` writes them at once
-when the policy sends replies without an fsync.
+the same way; ``runChunk`` writes them at once when replies are not held.
 
 What this module does not decide: when records reach the disk and which
 replies wait for them (the fsync policies in ``kvtwist.storage.fsync``),
