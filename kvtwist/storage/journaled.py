@@ -167,11 +167,12 @@ class JournaledStore:
 
     def delete(self, key: int, batch: Batch) -> bool:
         self._checkWritable()
-        if key not in self.memory:
+        # One lookup: whether the key is there, and the value that undoes the delete.
+        previous = self.memory.get(key, batch)
+        if previous is None:
             if self._dirty:
                 self._dependOn(key, batch)
             return False
-        previous = self.memory.get(key, batch) if self._holdRecords else None
         self._append(encodeDel(key), key, previous, batch)
         self.memory.delete(key, batch)
         return True
