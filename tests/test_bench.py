@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,57 @@ def test_kvbench_result_is_consistent(kvbench: Path, cserver: servers.Server) ->
     # kvbench's percentiles and the Python ones agree on the same histogram.
     assert percentileFromHistogram(result.histogram, 0.99) == pytest.approx(result.p99, abs=0.051)  # p99 is printed to 0.1 us
     assert result.p50 <= result.p99 <= result.p999
+
+
+def test_kvbench_loads_several_servers_in_turns_and_measures_each(kvbench: Path, cserver: servers.Server, kvserver) -> None:  # type: ignore[no-untyped-def]
+    load = Load(connections=3, depth=2, keyspace=100, duration=0.4, warmup=0.1, turn=0.05, idle=20)
+    began = time.monotonic()
+    results = loadgen.finishEach(loadgen.startTurns(kvbench, load, [(cserver.port, "kv"), (kvserver.port, "kv")]), 60)
+    took = time.monotonic() - began
+    assert len(results) == 2
+    for result in results:
+        assert result.requests > 0 and result.errors == 0
+        assert sum(n for _, n in result.histogram) == result.requests
+        # Each server's measured turns add up to the duration (each turn ends
+        # once its last reply is in, so a little more).
+        assert 0.4 <= result.seconds < 1.0
+        # Its warm-up turn and its idle connections' probes are served but not measured.
+        assert result.totalRequests >= result.requests + 20
+    # One server at a time: the run lasts at least both servers' turns.
+    assert took >= 2 * (load.warmup + load.duration)
+
+
+def test_each_server_s_idle_connections_are_held_by_a_process_of_their_own(
+    kvbench: Path, cserver: servers.Server, kvserver  # type: ignore[no-untyped-def]
+) -> None:
+    # The open-files limit is per process and cannot always be raised: in
+    # one process, two servers' 150 idle connections would not fit under 256.
+    def lowLimit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    load = Load(connections=2, keyspace=100, duration=0.2, warmup=0, turn=0.05, idle=150)
+    proc = subprocess.Popen(load.argv(kvbench, [(cserver.port, "kv"), (kvserver.port, "kv")]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lowLimit)
+    results = loadgen.finishEach(proc, 60)
+    assert [r.errors for r in results] == [0, 0]
+    assert all(r.totalRequests >= r.requests + 150 for r in results)
+    # Alone, a server's idle connections need more than the limit allows.
+    tooMany = replace(load, idle=300)
+    proc = subprocess.Popen(tooMany.argv(kvbench, [(cserver.port, "kv")]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lowLimit)
+    with pytest.raises(loadgen.LoadError, match="open files"):
+        loadgen.finishEach(proc, 60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "1,2", "--proto", "kv,redis,kv"], "3 protocols for 2 ports"),
+    (["--port", "1,2", "--fill"], "one server at a time"),
+    (["--port", ",".join(["1"] * 17)], "at most 16 ports"),
+])
+def test_kvbench_refuses_a_run_it_cannot_make(kvbench: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run([str(kvbench), *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert message in proc.stderr
 
 
 def test_memory_per_connection_counts_from_before_the_idle_connections_first_open(kvbench: Path) -> None:

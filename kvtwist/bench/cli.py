@@ -21,6 +21,9 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per round (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round (default 1)")
+    p.add_argument("--turn", type=float, default=plan.TURN,
+                   help="within a round, the servers take turns of this many seconds in one kvbench run, "
+                        f"until each has had --duration (default {plan.TURN:g}; 0: one server after the other)")
     p.add_argument("--server-warmup", type=float, default=None,
                    help=f"unmeasured seconds of load on each new server before round 1 (default {runner.SERVER_WARMUP:g}, 0 with --quick; "
                         f"{runner.PYPY_WARMUP_FACTOR:g} times as long on PyPy)")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = (
         plan.quickPlan(durable, trees)
         if args.quick
-        else plan.fullPlan(args.rounds, args.duration, args.warmup, durable, trees)
+        else plan.fullPlan(args.rounds, args.duration, args.warmup, durable, trees, args.turn)
     )
     try:
         scenarios = _select(scenarios, args.only, trees)

@@ -13,10 +13,20 @@
  *
  * Optionally it first opens `idle` extra connections, makes one request on
  * each (so the server has really accepted them) and then leaves them silent
- * for the whole run.
+ * for the whole run. A child process holds each server's idle connections:
+ * the open-files limit is per process, and several servers' 10,000 idle
+ * connections would not fit under one.
  *
- * The result is one JSON line on stdout: requests/s over the measured window
- * (after the warm-up), latency percentiles, and the latency histogram.
+ * Given several servers (`--port 5000,5001`), it loads them in turns: each
+ * has its own connections, and only one server's are sending at a time.
+ * After a warm-up turn each, the servers take measured turns of `turn`
+ * seconds, forwards then backwards, until each has had `duration` seconds.
+ * A turn ends once its last reply is in. So every server is measured across
+ * the same stretch of time, and a machine that slows down for a second
+ * slows them all alike.
+ *
+ * The result is one JSON line per server on stdout: requests/s over its
+ * measured turns, latency percentiles, and the latency histogram.
  *
  * Build: gcc -O2 -Wall -Wextra kvbench.c -o kvbench
  */
@@ -35,6 +45,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,22 +63,30 @@
 enum proto { PROTO_KV, PROTO_REDIS };
 enum state { ST_CONNECTING, ST_PROBING, ST_IDLE, ST_ACTIVE };
 
+#define MAX_TARGETS 16
+
 struct options {
     const char *host;
-    const char *port;
-    enum proto proto;
+    int ntargets;
+    const char *ports[MAX_TARGETS];
+    enum proto protos[MAX_TARGETS];
+    int nprotos;
     int connections;
     int depth;
     int64_t keyspace;
     int reads;
     double duration;
     double warmup;
+    double turn;
     int idle;
     int fill;
     uint64_t seed;
 };
 
+struct target;
+
 struct conn {
+    struct target *t;
     int fd;
     enum state state;
     int outstanding;
@@ -89,26 +108,45 @@ struct stats {
     uint64_t hist[NBUCKETS];
 };
 
+/* One server under load, with its own connections and figures. */
+struct target {
+    const char *port;
+    enum proto proto;
+    struct conn *conns;    /* the active connections */
+    int in_flight;         /* their requests not yet answered */
+    int sending;           /* its turn: replies are followed by new requests */
+    int measuring;         /* replies count in window */
+    struct stats window;   /* replies inside measured turns */
+    uint64_t measured_ns;  /* how long its measured turns took */
+    uint64_t total_replies; /* every reply, warm-up and probes included */
+    uint64_t total_errors;  /* error replies, warm-up included */
+    int busy;              /* with --fill: active connections that still have work */
+};
+
 static struct options opt = {
     .host = "127.0.0.1",
-    .port = "5000",
-    .proto = PROTO_KV,
     .connections = 50,
     .depth = 1,
     .keyspace = 100000,
     .reads = 80,
     .duration = 5.0,
     .warmup = 1.0,
+    .turn = 0.0,
     .idle = 0,
     .fill = 0,
     .seed = 1,
 };
 
 static int epfd;
-static struct stats window; /* replies inside the measured window */
-static uint64_t total_replies; /* every reply, warm-up and probes included */
-static uint64_t total_errors;  /* error replies, warm-up included */
-static int measuring;
+static struct target targets[MAX_TARGETS];
+
+/* The child holding a server's idle connections, until its pipe closes. */
+struct holder {
+    pid_t pid;
+    int hold_fd;
+};
+static struct holder holders[MAX_TARGETS];
+static int nholders;
 
 static void die(const char *fmt, ...)
 {
@@ -204,7 +242,7 @@ static char *put_str(char *p, const char *s)
 static void add_request(struct conn *c, uint64_t now)
 {
     char *p = c->wbuf + c->wlen;
-    int redis = opt.proto == PROTO_REDIS;
+    int redis = c->t->proto == PROTO_REDIS;
     const char *eol = redis ? "\r\n" : "\n";
     int64_t key;
     uint64_t r = next_random(&c->rng);
@@ -240,6 +278,8 @@ static void add_request(struct conn *c, uint64_t now)
     c->wlen = (size_t)(p - c->wbuf);
     c->sent_ns[(c->ring_head + c->outstanding) % opt.depth] = now;
     c->outstanding++;
+    if (c->state == ST_ACTIVE)
+        c->t->in_flight++;
 }
 
 static void want_write(struct conn *c, int on)
@@ -273,13 +313,13 @@ static void flush(struct conn *c)
 }
 
 /* How many bytes the first complete reply in buf takes, or 0 if incomplete. */
-static size_t reply_length(const char *buf, size_t len, int *is_error)
+static size_t reply_length(enum proto proto, const char *buf, size_t len, int *is_error)
 {
     const char *nl = memchr(buf, '\n', len);
     if (!nl)
         return 0;
     size_t line = (size_t)(nl - buf) + 1;
-    if (opt.proto == PROTO_KV) {
+    if (proto == PROTO_KV) {
         *is_error = line >= 6 && memcmp(buf, "Error:", 6) == 0;
         return line;
     }
@@ -295,17 +335,16 @@ static size_t reply_length(const char *buf, size_t len, int *is_error)
 
 static int conn_can_send_more(const struct conn *c)
 {
-    if (c->state != ST_ACTIVE)
+    if (c->state != ST_ACTIVE || !c->t->sending)
         return 0;
     if (opt.fill)
         return c->next_fill_key < c->fill_end;
     return 1;
 }
 
-static int active_busy; /* active connections that still have work */
-
 static void on_readable(struct conn *c)
 {
+    struct target *t = c->t;
     for (;;) {
         ssize_t n = read(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen);
         if (n == 0)
@@ -322,22 +361,25 @@ static void on_readable(struct conn *c)
         int replies = 0;
         for (;;) {
             int is_error = 0;
-            size_t used = reply_length(c->rbuf + off, c->rlen - off, &is_error);
+            size_t used = reply_length(t->proto, c->rbuf + off, c->rlen - off, &is_error);
             if (!used)
                 break;
             if (c->outstanding == 0)
                 die("reply without a request");
             off += used;
             replies++;
-            total_replies++;
+            t->total_replies++;
             uint64_t sent = c->sent_ns[c->ring_head];
             c->ring_head = (c->ring_head + 1) % opt.depth;
             c->outstanding--;
             if (is_error)
-                total_errors++;
-            if (measuring && c->state == ST_ACTIVE) {
-                window.replies++;
-                window.hist[bucket_of(now - sent)]++;
+                t->total_errors++;
+            if (c->state == ST_ACTIVE) {
+                t->in_flight--;
+                if (t->measuring) {
+                    t->window.replies++;
+                    t->window.hist[bucket_of(now - sent)]++;
+                }
             }
         }
         memmove(c->rbuf, c->rbuf + off, c->rlen - off);
@@ -355,18 +397,18 @@ static void on_readable(struct conn *c)
         if (c->state == ST_ACTIVE && opt.fill && c->outstanding == 0 &&
             c->next_fill_key >= c->fill_end) {
             c->state = ST_IDLE;
-            active_busy--;
+            t->busy--;
         }
     }
 }
 
-static struct addrinfo *resolve(void)
+static struct addrinfo *resolve(const char *port)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
     struct addrinfo *ai;
-    int rc = getaddrinfo(opt.host, opt.port, &hints, &ai);
+    int rc = getaddrinfo(opt.host, port, &hints, &ai);
     if (rc)
-        die("cannot resolve %s:%s: %s", opt.host, opt.port, gai_strerror(rc));
+        die("cannot resolve %s:%s: %s", opt.host, port, gai_strerror(rc));
     return ai;
 }
 
@@ -396,9 +438,10 @@ static void on_connected(struct conn *c, enum state next)
     want_write(c, 0);
 }
 
-static void init_conn(struct conn *c, int index, int depth, size_t rcap)
+static void init_conn(struct conn *c, struct target *t, int index, int depth, size_t rcap)
 {
     memset(c, 0, sizeof *c);
+    c->t = t;
     c->rng = opt.seed * 0x9E3779B97F4A7C15ULL + (uint64_t)index + 1;
     c->sent_ns = calloc((size_t)depth, sizeof *c->sent_ns);
     c->rcap = rcap;
@@ -429,7 +472,7 @@ static void dispatch(struct epoll_event *ev, enum state after_connect)
 
 /* Open the idle connections a bounded number at a time, so the server's
  * listen backlog never overflows (an overflow costs a one-second SYN retry). */
-static struct conn *open_idle(const struct addrinfo *ai)
+static struct conn *open_idle(struct target *t, const struct addrinfo *ai)
 {
     struct conn *idle = calloc((size_t)(opt.idle ? opt.idle : 1), sizeof *idle);
     struct epoll_event events[MAX_EVENTS];
@@ -440,7 +483,7 @@ static struct conn *open_idle(const struct addrinfo *ai)
         while (started < opt.idle && started - done < MAX_PENDING_CONNECTS) {
             struct conn *c = &idle[started];
             /* Idle connections need only room for their one probe. */
-            init_conn(c, -1 - started, opt.depth, 256);
+            init_conn(c, t, -1 - started, opt.depth, 256);
             start_connect(c, ai);
             started++;
         }
@@ -458,13 +501,80 @@ static struct conn *open_idle(const struct addrinfo *ai)
     return idle;
 }
 
-static void set_nofile_limit(int needed)
+/* Room for every connection: raise the soft limit, and the hard one if
+ * allowed; a run that cannot have them says so rather than failing midway. */
+static void set_nofile_limit(long needed)
 {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)needed) {
-        rl.rlim_cur = rl.rlim_max < (rlim_t)needed ? rl.rlim_max : (rlim_t)needed;
-        setrlimit(RLIMIT_NOFILE, &rl);
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= (rlim_t)needed)
+        return;
+    if (rl.rlim_max < (rlim_t)needed) {
+        struct rlimit more = {.rlim_cur = (rlim_t)needed, .rlim_max = (rlim_t)needed};
+        if (setrlimit(RLIMIT_NOFILE, &more) == 0)
+            return;
+        die("needs %ld open files, and the limit is %llu (raise ulimit -Hn)", needed,
+            (unsigned long long)rl.rlim_max);
     }
+    rl.rlim_cur = (rlim_t)needed;
+    setrlimit(RLIMIT_NOFILE, &rl);
+}
+
+/*
+ * Open a target's idle connections in a child process, which holds them
+ * until kvbench is done. The child reports how many replies its probes
+ * got, as they count in the server's total.
+ */
+static void hold_idle(struct target *t, const struct addrinfo *ai)
+{
+    int ready[2], hold[2];
+    if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(hold, O_CLOEXEC) < 0)
+        die("pipe: %s", strerror(errno));
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        close(ready[0]);
+        close(hold[1]);
+        /* Only kvbench itself may keep an older holder's pipe open. */
+        for (int i = 0; i < nholders; i++)
+            close(holders[i].hold_fd);
+        close(epfd);
+        epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (epfd < 0)
+            die("epoll_create1: %s", strerror(errno));
+        set_nofile_limit((long)opt.idle + 64);
+        open_idle(t, ai);
+        uint64_t probes = t->total_replies;
+        if (write(ready[1], &probes, sizeof probes) != (ssize_t)sizeof probes)
+            _exit(1);
+        char byte;
+        while (read(hold[0], &byte, 1) < 0 && errno == EINTR)
+            ;
+        _exit(0);
+    }
+    close(ready[1]);
+    close(hold[0]);
+    uint64_t probes;
+    ssize_t n;
+    do
+        n = read(ready[0], &probes, sizeof probes);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof probes)
+        die("port %s: could not open the idle connections", t->port);
+    close(ready[0]);
+    t->total_replies += probes;
+    holders[nholders++] = (struct holder){.pid = pid, .hold_fd = hold[1]};
+}
+
+/* Let the holders go, and wait until they have closed their connections. */
+static void release_idle(void)
+{
+    for (int i = 0; i < nholders; i++) {
+        close(holders[i].hold_fd);
+        waitpid(holders[i].pid, NULL, 0);
+    }
+    nholders = 0;
 }
 
 static void usage(int code)
@@ -472,16 +582,17 @@ static void usage(int code)
     fprintf(code ? stderr : stdout,
             "usage: kvbench [options]\n"
             "  -H, --host HOST         server host (127.0.0.1)\n"
-            "  -p, --port PORT         server port (5000)\n"
-            "  -P, --proto kv|redis    protocol (kv)\n"
-            "  -c, --connections N     active connections (50)\n"
+            "  -p, --port PORT[,PORT]  server port, or several servers' to load in turns (5000)\n"
+            "  -P, --proto kv|redis[,...]  protocol, one for all or one per port (kv)\n"
+            "  -c, --connections N     active connections per server (50)\n"
             "  -d, --depth N           requests in flight per connection (1)\n"
             "  -k, --keyspace N        keys are drawn from [0, N) (100000)\n"
             "  -r, --reads PCT         percent of gets; the rest is put/del 50:50 (80)\n"
-            "  -t, --duration SECONDS  measured time (5)\n"
-            "  -w, --warmup SECONDS    unmeasured time before it (1)\n"
-            "  -i, --idle N            extra connections held open and silent (0)\n"
-            "  -f, --fill              put every key of the keyspace once, then stop\n"
+            "  -t, --duration SECONDS  measured time per server (5)\n"
+            "  -w, --warmup SECONDS    unmeasured time before it, per server (1)\n"
+            "  -T, --turn SECONDS      measure in turns of this long (0: one turn of --duration)\n"
+            "  -i, --idle N            extra connections per server held open and silent (0)\n"
+            "  -f, --fill              put every key of the keyspace once, then stop (one server)\n"
             "  -s, --seed N            random seed (1)\n");
     exit(code);
 }
@@ -505,6 +616,20 @@ static double parse_seconds(const char *s, const char *what)
     return v;
 }
 
+/* Split a comma-separated list in place; returns how many items. */
+static int split_list(char *s, const char **items, const char *what)
+{
+    int n = 0;
+    for (char *item = strtok(s, ","); item; item = strtok(NULL, ",")) {
+        if (n == MAX_TARGETS)
+            die("at most %d %s", MAX_TARGETS, what);
+        items[n++] = item;
+    }
+    if (n == 0)
+        die("no %s given", what);
+    return n;
+}
+
 static void parse_args(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -512,29 +637,28 @@ static void parse_args(int argc, char **argv)
         {"proto", required_argument, 0, 'P'},    {"connections", required_argument, 0, 'c'},
         {"depth", required_argument, 0, 'd'},    {"keyspace", required_argument, 0, 'k'},
         {"reads", required_argument, 0, 'r'},    {"duration", required_argument, 0, 't'},
-        {"warmup", required_argument, 0, 'w'},   {"idle", required_argument, 0, 'i'},
-        {"fill", no_argument, 0, 'f'},           {"seed", required_argument, 0, 's'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0},
+        {"warmup", required_argument, 0, 'w'},   {"turn", required_argument, 0, 'T'},
+        {"idle", required_argument, 0, 'i'},     {"fill", no_argument, 0, 'f'},
+        {"seed", required_argument, 0, 's'},     {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
+    const char *protos[MAX_TARGETS] = {"kv"};
+    int nprotos = 1;
+    opt.ports[0] = "5000";
+    opt.ntargets = 1;
     int ch;
-    while ((ch = getopt_long(argc, argv, "H:p:P:c:d:k:r:t:w:i:fs:h", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "H:p:P:c:d:k:r:t:w:T:i:fs:h", longopts, NULL)) != -1) {
         switch (ch) {
         case 'H': opt.host = optarg; break;
-        case 'p': opt.port = optarg; break;
-        case 'P':
-            if (strcmp(optarg, "kv") == 0)
-                opt.proto = PROTO_KV;
-            else if (strcmp(optarg, "redis") == 0)
-                opt.proto = PROTO_REDIS;
-            else
-                die("bad protocol: %s (kv or redis)", optarg);
-            break;
+        case 'p': opt.ntargets = split_list(optarg, opt.ports, "ports"); break;
+        case 'P': nprotos = split_list(optarg, protos, "protocols"); break;
         case 'c': opt.connections = (int)parse_long(optarg, "connections", 1, 100000); break;
         case 'd': opt.depth = (int)parse_long(optarg, "depth", 1, 1000); break;
         case 'k': opt.keyspace = parse_long(optarg, "keyspace", 1, 1L << 40); break;
         case 'r': opt.reads = (int)parse_long(optarg, "reads", 0, 100); break;
         case 't': opt.duration = parse_seconds(optarg, "duration"); break;
         case 'w': opt.warmup = parse_seconds(optarg, "warmup"); break;
+        case 'T': opt.turn = parse_seconds(optarg, "turn"); break;
         case 'i': opt.idle = (int)parse_long(optarg, "idle", 0, 1000000); break;
         case 'f': opt.fill = 1; break;
         case 's': opt.seed = (uint64_t)parse_long(optarg, "seed", 0, 1L << 62); break;
@@ -544,26 +668,41 @@ static void parse_args(int argc, char **argv)
     }
     if (optind != argc)
         usage(2);
+    if (nprotos != 1 && nprotos != opt.ntargets)
+        die("%d protocols for %d ports: give one for all, or one per port", nprotos, opt.ntargets);
+    if (opt.fill && opt.ntargets > 1)
+        die("--fill fills one server at a time");
+    for (int i = 0; i < opt.ntargets; i++) {
+        const char *name = protos[nprotos == 1 ? 0 : i];
+        if (strcmp(name, "kv") == 0)
+            opt.protos[i] = PROTO_KV;
+        else if (strcmp(name, "redis") == 0)
+            opt.protos[i] = PROTO_REDIS;
+        else
+            die("bad protocol: %s (kv or redis)", name);
+    }
 }
 
-static void print_result(double elapsed)
+static void print_result(const struct target *t)
 {
-    const char *proto = opt.proto == PROTO_KV ? "kv" : "redis";
-    printf("{\"proto\": \"%s\", \"connections\": %d, \"idle\": %d, \"depth\": %d, "
+    const char *proto = t->proto == PROTO_KV ? "kv" : "redis";
+    const struct stats *w = &t->window;
+    double elapsed = (double)t->measured_ns / 1e9;
+    printf("{\"port\": \"%s\", \"proto\": \"%s\", \"connections\": %d, \"idle\": %d, \"depth\": %d, "
            "\"keyspace\": %lld, \"reads\": %d, \"fill\": %s, \"seconds\": %.6f, "
            "\"requests\": %llu, \"total_requests\": %llu, \"errors\": %llu, "
            "\"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, "
            "\"hist_us\": [",
-           proto, opt.connections, opt.idle, opt.depth, (long long)opt.keyspace, opt.reads,
-           opt.fill ? "true" : "false", elapsed, (unsigned long long)window.replies,
-           (unsigned long long)total_replies, (unsigned long long)total_errors,
-           elapsed > 0 ? (double)window.replies / elapsed : 0.0, percentile_us(&window, 0.50),
-           percentile_us(&window, 0.99), percentile_us(&window, 0.999));
+           t->port, proto, opt.connections, opt.idle, opt.depth, (long long)opt.keyspace, opt.reads,
+           opt.fill ? "true" : "false", elapsed, (unsigned long long)w->replies,
+           (unsigned long long)t->total_replies, (unsigned long long)t->total_errors,
+           elapsed > 0 ? (double)w->replies / elapsed : 0.0, percentile_us(w, 0.50),
+           percentile_us(w, 0.99), percentile_us(w, 0.999));
     const char *sep = "";
     for (int b = 0; b < NBUCKETS; b++) {
-        if (window.hist[b]) {
+        if (w->hist[b]) {
             printf("%s[%.3f, %llu]", sep, (double)bucket_upper(b) / 1000.0,
-                   (unsigned long long)window.hist[b]);
+                   (unsigned long long)w->hist[b]);
             sep = ", ";
         }
     }
@@ -571,74 +710,164 @@ static void print_result(double elapsed)
     fflush(stdout);
 }
 
-int main(int argc, char **argv)
+/* Handle events until `until` (or until `done` says so), returning the time. */
+static uint64_t run_until(uint64_t until, int (*done)(const struct target *), const struct target *t)
 {
-    parse_args(argc, argv);
-    set_nofile_limit(opt.connections + opt.idle + 64);
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0)
-        die("epoll_create1: %s", strerror(errno));
-    struct addrinfo *ai = resolve();
-
-    open_idle(ai);
-
-    struct conn *conns = calloc((size_t)opt.connections, sizeof *conns);
-    if (!conns)
-        die("out of memory");
-    int64_t share = (opt.keyspace + opt.connections - 1) / opt.connections;
-    for (int i = 0; i < opt.connections; i++) {
-        init_conn(&conns[i], i, opt.depth, RBUF_SIZE);
-        conns[i].next_fill_key = share * i;
-        conns[i].fill_end = share * (i + 1) < opt.keyspace ? share * (i + 1) : opt.keyspace;
-        start_connect(&conns[i], ai);
-    }
-    freeaddrinfo(ai);
-
     struct epoll_event events[MAX_EVENTS];
-    int connected = 0;
-    while (connected < opt.connections) {
-        int n = epoll_wait(epfd, events, MAX_EVENTS, 10000);
-        if (n == 0)
-            die("timed out connecting");
-        for (int i = 0; i < n; i++) {
-            struct conn *c = events[i].data.ptr;
-            if (c->state == ST_CONNECTING) {
-                dispatch(&events[i], ST_ACTIVE);
-                connected++;
-            }
-        }
-    }
-
-    uint64_t start = now_ns();
-    uint64_t window_start = opt.fill ? start : start + (uint64_t)(opt.warmup * 1e9);
-    uint64_t stop = window_start + (uint64_t)(opt.duration * 1e9);
-    measuring = opt.fill;
-    active_busy = opt.connections;
-    for (int i = 0; i < opt.connections; i++) {
-        struct conn *c = &conns[i];
-        while (c->outstanding < opt.depth && conn_can_send_more(c))
-            add_request(c, start);
-        flush(c);
-        if (opt.fill && c->outstanding == 0) {
-            c->state = ST_IDLE;
-            active_busy--;
-        }
-    }
-
-    uint64_t now = start;
-    while (opt.fill ? active_busy > 0 : now < stop) {
-        int n = epoll_wait(epfd, events, MAX_EVENTS, 100);
+    uint64_t now = now_ns();
+    while (now < until && !(done && done(t))) {
+        uint64_t left_ms = (until - now) / 1000000u + 1;
+        int n = epoll_wait(epfd, events, MAX_EVENTS, left_ms < 100 ? (int)left_ms : 100);
         if (n < 0 && errno != EINTR)
             die("epoll_wait: %s", strerror(errno));
         for (int i = 0; i < n; i++)
             dispatch(&events[i], ST_ACTIVE);
         now = now_ns();
-        if (!measuring && now >= window_start) {
-            memset(&window, 0, sizeof window);
-            window_start = now;
-            measuring = 1;
+    }
+    return now;
+}
+
+static int drained(const struct target *t) { return t->in_flight == 0; }
+static int filled(const struct target *t) { return t->busy == 0; }
+
+/* Start a target's turn: every active connection fills up to its depth. */
+static void start_sending(struct target *t, uint64_t now)
+{
+    t->sending = 1;
+    for (int i = 0; i < opt.connections; i++) {
+        struct conn *c = &t->conns[i];
+        while (c->outstanding < opt.depth && conn_can_send_more(c))
+            add_request(c, now);
+        flush(c);
+    }
+}
+
+/* End a target's turn: no new requests, and wait for the last replies. */
+static uint64_t stop_sending(struct target *t)
+{
+    t->sending = 0;
+    uint64_t now = run_until(now_ns() + 10000000000u, drained, t);
+    if (t->in_flight)
+        die("port %s: %d replies still missing 10 s after its turn", t->port, t->in_flight);
+    return now;
+}
+
+/*
+ * The turns: a warm-up turn per target, then measured turns, forwards and
+ * backwards, until each target has had opt.duration seconds of them. When
+ * one target's turn follows its own, it just goes on sending.
+ */
+static void run_turns(void)
+{
+    int n = opt.ntargets;
+    long cycles = opt.turn > 0 ? (long)(opt.duration / opt.turn + 0.5) : 1;
+    if (cycles < 1)
+        cycles = 1;
+    uint64_t turn_ns = (uint64_t)(opt.duration * 1e9 / (double)cycles);
+    uint64_t warm_ns = (uint64_t)(opt.warmup * 1e9);
+    long total = (warm_ns ? n : 0) + cycles * n;
+    struct target *current = NULL;
+    uint64_t now = now_ns(), began = now;
+    for (long k = 0; k < total; k++) {
+        int warm = warm_ns && k < n;
+        long m = warm ? k : k - (warm_ns ? n : 0);
+        long cycle = m / n, pos = m % n;
+        struct target *t = &targets[warm || cycle % 2 == 0 ? pos : n - 1 - pos];
+        if (t != current) {
+            if (current) {
+                now = stop_sending(current);
+                if (current->measuring)
+                    current->measured_ns += now - began;
+                current->measuring = 0;
+            }
+            start_sending(t, now);
+            current = t;
+        } else if (t->measuring) {
+            t->measured_ns += now - began;
+        }
+        began = now;
+        t->measuring = !warm;
+        now = run_until(now + (warm ? warm_ns : turn_ns), NULL, NULL);
+    }
+    now = stop_sending(current);
+    if (current->measuring)
+        current->measured_ns += now - began;
+}
+
+/* --fill: every active connection puts its share of the keyspace, once. */
+static void run_fill(struct target *t)
+{
+    uint64_t start = now_ns();
+    t->measuring = 1;
+    t->busy = opt.connections;
+    start_sending(t, start);
+    for (int i = 0; i < opt.connections; i++) {
+        if (t->conns[i].outstanding == 0) {
+            t->conns[i].state = ST_IDLE;
+            t->busy--;
         }
     }
-    print_result((double)(now - window_start) / 1e9);
+    uint64_t now = run_until(UINT64_MAX, filled, t);
+    t->measured_ns = now - start;
+}
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+    set_nofile_limit((long)opt.ntargets * opt.connections + 64);
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0)
+        die("epoll_create1: %s", strerror(errno));
+
+    /* The idle connections first, so that no holder inherits active ones. */
+    for (int k = 0; k < opt.ntargets; k++) {
+        struct target *t = &targets[k];
+        t->port = opt.ports[k];
+        t->proto = opt.protos[k];
+        if (opt.idle) {
+            struct addrinfo *ai = resolve(t->port);
+            hold_idle(t, ai);
+            freeaddrinfo(ai);
+        }
+    }
+    int64_t share = (opt.keyspace + opt.connections - 1) / opt.connections;
+    for (int k = 0; k < opt.ntargets; k++) {
+        struct target *t = &targets[k];
+        struct addrinfo *ai = resolve(t->port);
+        t->conns = calloc((size_t)opt.connections, sizeof *t->conns);
+        if (!t->conns)
+            die("out of memory");
+        for (int i = 0; i < opt.connections; i++) {
+            struct conn *c = &t->conns[i];
+            init_conn(c, t, i, opt.depth, RBUF_SIZE);
+            c->next_fill_key = share * i;
+            c->fill_end = share * (i + 1) < opt.keyspace ? share * (i + 1) : opt.keyspace;
+            start_connect(c, ai);
+        }
+        freeaddrinfo(ai);
+
+        struct epoll_event events[MAX_EVENTS];
+        int connected = 0;
+        while (connected < opt.connections) {
+            int n = epoll_wait(epfd, events, MAX_EVENTS, 10000);
+            if (n == 0)
+                die("timed out connecting to port %s", t->port);
+            for (int i = 0; i < n; i++) {
+                struct conn *c = events[i].data.ptr;
+                if (c->state == ST_CONNECTING) {
+                    dispatch(&events[i], ST_ACTIVE);
+                    connected++;
+                }
+            }
+        }
+    }
+
+    if (opt.fill)
+        run_fill(&targets[0]);
+    else
+        run_turns();
+    release_idle();
+    for (int k = 0; k < opt.ntargets; k++)
+        print_result(&targets[k]);
     return 0;
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +26,20 @@ class Load:
     idle: int = 0
     fill: bool = False
     seed: int = 1
+    # With several servers: the length of each one's turns (0: one turn of
+    # ``duration`` each, one after the other).
+    turn: float = 0.0
 
-    def argv(self, binary: Path, port: int, proto: str, host: str = "127.0.0.1") -> list[str]:
+    def argv(self, binary: Path, targets: Sequence[tuple[int, str]], host: str = "127.0.0.1") -> list[str]:
+        """kvbench's command line loading each (port, protocol) of ``targets``, in turns if several."""
         args = [
-            str(binary), "--host", host, "--port", str(port), "--proto", proto,
+            str(binary), "--host", host,
+            "--port", ",".join(str(port) for port, _ in targets),
+            "--proto", ",".join(proto for _, proto in targets),
             "--connections", str(self.connections), "--depth", str(self.depth),
             "--keyspace", str(self.keyspace), "--reads", str(self.reads),
             "--duration", str(self.duration), "--warmup", str(self.warmup),
-            "--idle", str(self.idle), "--seed", str(self.seed),
+            "--turn", str(self.turn), "--idle", str(self.idle), "--seed", str(self.seed),
         ]
         return args + ["--fill"] if self.fill else args
 
@@ -70,14 +77,25 @@ def parseResultLine(line: str) -> LoadResult:
 
 
 def start(binary: Path, load: Load, port: int, proto: str) -> subprocess.Popen[str]:
-    """Start kvbench in the background; ``finish`` collects its result."""
+    """Start kvbench on one server in the background; ``finish`` collects its result."""
+    return startTurns(binary, load, [(port, proto)])
+
+
+def startTurns(binary: Path, load: Load, targets: Sequence[tuple[int, str]]) -> subprocess.Popen[str]:
+    """Start kvbench loading several servers in turns; ``finishEach`` collects their results."""
     return subprocess.Popen(
-        load.argv(binary, port, proto), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        load.argv(binary, targets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> LoadResult:
-    """Wait for kvbench and parse its result, or raise LoadError with its message."""
+    """Wait for a one-server kvbench and parse its result, or raise LoadError with its message."""
+    [result] = finishEach(proc, timeout)
+    return result
+
+
+def finishEach(proc: subprocess.Popen[str], timeout: float) -> list[LoadResult]:
+    """Wait for kvbench and parse its result for each server, in the order they were given."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -86,4 +104,4 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> LoadResult:
         raise LoadError(f"kvbench did not finish within {timeout:.0f} s")
     if proc.returncode != 0:
         raise LoadError(err.strip() or f"kvbench exited with {proc.returncode}")
-    return parseResultLine(out.strip().splitlines()[-1])
+    return [parseResultLine(line) for line in out.strip().splitlines()]

@@ -80,6 +80,14 @@ class Scenario:
     freshServers: bool = False
 
 
+# Within a round the servers take turns of this many seconds in one kvbench
+# run, until each has had the round's duration: a machine that slows down
+# for a moment then slows every server alike, where one server measured
+# after another would see its own stretch of time. The same kvtwist
+# against itself spread by 18 to 28% from round to round one after the
+# other, and by 2 to 5% in turns of 0.05 s (docs/performance.md).
+TURN = 0.05
+
 # The floors show how close to the target any kvtwist could get (kvtwist.bench.floor).
 #
 # A ratio is only as steady as the machine between its two measurements:
@@ -151,14 +159,15 @@ def engineScenarios(load: Load, rounds: int) -> list[Scenario]:
 
 
 def fullPlan(
-    rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True, trees: bool = False
+    rounds: int = 5, duration: float = 5.0, warmup: float = 1.0, durable: bool = True, trees: bool = False,
+    turn: float = TURN,
 ) -> list[Scenario]:
     """
     The plan behind docs/performance.md; ``durable`` adds the ``--fsync always``
     comparison, ``trees`` the comparison with a baseline tree (first, as it
     is the one a refactor waits for).
     """
-    base = Load(connections=50, depth=1, keyspace=100_000, reads=80, duration=duration, warmup=warmup)
+    base = Load(connections=50, depth=1, keyspace=100_000, reads=80, duration=duration, warmup=warmup, turn=turn)
     short = replace(base, duration=max(duration * 0.6, 0.5))
     sweepRounds = max(1, min(rounds, 3))
     plan = treeScenarios(base, rounds) if trees else []
@@ -206,7 +215,7 @@ def quickPlan(durable: bool = True, trees: bool = False) -> list[Scenario]:
     It has no targets: a fraction of a second on two connections says
     nothing about them, and its verdicts would flip from run to run.
     """
-    tiny = Load(connections=2, depth=1, keyspace=1000, duration=0.3, warmup=0.1)
+    tiny = Load(connections=2, depth=1, keyspace=1000, duration=0.3, warmup=0.1, turn=0.1)
     plan = [replace(s, targets=()) for s in treeScenarios(tiny, rounds=2, deep=4)] if trees else []
     plan += [
         Scenario("cal-d1", "C calibration server", tiny, ("cserver",), rounds=1),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -72,42 +72,48 @@ def warmupFor(kind: str, serverWarmup: float) -> float:
 
 
 def measure(
-    server: servers.Server, scenario: Scenario, round: int, kvbench: Path, rssBaseline: int | None = None
-) -> Measurement:
+    group: Sequence[servers.Server], scenario: Scenario, round: int, kvbench: Path,
+    rssBaselines: Mapping[int, int] | None = None,
+) -> list[Measurement]:
     """
-    Run the scenario's load once against ``server``, sampling its /proc
-    meanwhile. ``rssBaseline``: the server's resident bytes before it
+    Run the scenario's load once against each server of ``group``, in
+    turns if there are several (``Load.turn``), sampling their /proc
+    meanwhile. ``rssBaselines``: by pid, a server's resident bytes before it
     first opened the scenario's idle connections, which the memory per
     connection is counted from (else from the start of this load).
     """
     load = scenario.load
-    before = procfs.sample(server.pid)
-    proc = loadgen.start(kvbench, load, server.port, server.proto)
-    peak = before.rss
+    before = [procfs.sample(server.pid) for server in group]
+    proc = loadgen.startTurns(kvbench, load, [(server.port, server.proto) for server in group])
+    peaks = [b.rss for b in before]
     while proc.poll() is None:
         time.sleep(0.05)
-        peak = max(peak, procfs.sample(server.pid).rss)
-    result = loadgen.finish(proc, timeout=60)
-    waitUntilQuiet(server.pid)
-    after = procfs.sample(server.pid)
-    return Measurement(
-        scenario=scenario.key,
-        server=server.kind,
-        round=round,
-        rps=result.rps,
-        p50=result.p50,
-        p99=result.p99,
-        p999=result.p999,
-        errors=result.errors,
-        cpu=(after.cpu - before.cpu) * 1e6 / max(result.totalRequests, 1),
-        rssBefore=before.rss if rssBaseline is None else rssBaseline,
-        rssPeak=max(peak, after.rss),
-        rssAfter=after.rss,
-        pid=server.pid,
-        connections=load.connections + load.idle,
-        keys=load.keyspace if load.fill else 0,
-        histogram=result.histogram,
-    )
+        peaks = [max(peak, procfs.sample(server.pid).rss) for peak, server in zip(peaks, group)]
+    results = loadgen.finishEach(proc, timeout=60 + len(group) * (load.warmup + load.duration))
+    measurements = []
+    for server, start, peak, result in zip(group, before, peaks, results, strict=True):
+        waitUntilQuiet(server.pid)
+        after = procfs.sample(server.pid)
+        baseline = (rssBaselines or {}).get(server.pid)
+        measurements.append(Measurement(
+            scenario=scenario.key,
+            server=server.kind,
+            round=round,
+            rps=result.rps,
+            p50=result.p50,
+            p99=result.p99,
+            p999=result.p999,
+            errors=result.errors,
+            cpu=(after.cpu - start.cpu) * 1e6 / max(result.totalRequests, 1),
+            rssBefore=start.rss if baseline is None else baseline,
+            rssPeak=max(peak, after.rss),
+            rssAfter=after.rss,
+            pid=server.pid,
+            connections=load.connections + load.idle,
+            keys=load.keyspace if load.fill else 0,
+            histogram=result.histogram,
+        ))
+    return measurements
 
 
 def waitUntilQuiet(pid: int, timeout: float = _QUIET_TIMEOUT) -> None:
@@ -140,16 +146,20 @@ def roundOrder(items: Sequence[T], round: int, alternate: bool) -> list[T]:
 def runScenario(
     scenario: Scenario, options: servers.Options, kvbench: Path, progress: Progress, serverWarmup: float = SERVER_WARMUP
 ) -> list[Measurement]:
-    """All rounds of one scenario; the servers take turns within each round (A B, A B, ...)."""
+    """
+    All rounds of one scenario. Within a round the servers take turns: in
+    one kvbench run, turn by turn, when the load has a ``turn``; else one
+    after the other (A B, A B, ...).
+    """
     results: list[Measurement] = []
 
     # With idle connections: each server's resident bytes once filled and warmed, before it first opened them.
     filled: dict[int, int] = {}
 
-    def record(server: servers.Server, round: int) -> None:
-        m = measure(server, scenario, round, kvbench, filled.get(server.pid))
-        results.append(m)
-        progress(f"  {scenario.title} | round {round + 1}/{scenario.rounds} | {server.kind}: {_describe(m)}")
+    def record(group: list[servers.Server], round: int) -> None:
+        for m in measure(group, scenario, round, kvbench, filled):
+            results.append(m)
+            progress(f"  {scenario.title} | round {round + 1}/{scenario.rounds} | {m.server}: {_describe(m)}")
 
     if scenario.memory:
         # Memory is measured on fresh processes, so nothing earlier inflates or hides it.
@@ -157,7 +167,7 @@ def runScenario(
             for kind in scenario.servers:
                 server = servers.start(kind, options)
                 try:
-                    record(server, round)
+                    record([server], round)
                 finally:
                     server.stop()
         return results
@@ -200,8 +210,9 @@ def runScenario(
         running = startAll()
         try:
             for round in theseRounds:
-                for server in roundOrder(running, round, scenario.alternate):
-                    record(server, round)
+                order = roundOrder(running, round, scenario.alternate)
+                for group in [order] if scenario.load.turn else [[server] for server in order]:
+                    record(group, round)
         finally:
             for server in running:
                 server.stop()
