@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 
 from kvtwist.bench import build, cli, floor, loadgen, plan, procfs, runner, servers
 from kvtwist.bench.loadgen import Load
 from kvtwist.bench.plan import AGAINST_TREE, REGRESSION, Scenario, Target
 from kvtwist.bench.report import MET, NOT_MET, UNCERTAIN, formatVerdicts, judge, portableCommand, summarize, verdicts
 from kvtwist.bench.runner import Measurement, roundOrder
+from kvtwist.server.arguments import LISTEN_BACKLOG
 from kvtwist.bench.stats import median, medianRatio, mergeHistograms, pairedRatios, percentileFromHistogram
 
 needsRedis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -506,6 +507,16 @@ def test_servers_on_pypy_warm_up_longer_for_their_jit_and_pairs_alike() -> None:
     assert runner.warmupFor("twisted-floor-pypy-always", runner.SERVER_WARMUP) == pypy
     # --quick warms up nothing, on any interpreter.
     assert runner.warmupFor("kvtwist-pypy", 0.0) == 0.0
+
+
+def test_the_floor_listens_with_kvtwist_s_backlog() -> None:
+    # Thousands of idle connections opened at once overflowed Twisted's
+    # default backlog of 50 on the floor, but not kvtwist's.
+    reactor = MemoryReactor()
+    floor.serve(reactor, "tcp:0:interface=127.0.0.1")
+    [(port, factory, backlog, interface)] = reactor.tcpServers
+    assert backlog == LISTEN_BACKLOG and interface == "127.0.0.1"
+    assert isinstance(factory, floor.FloorFactory)
 
 
 def test_the_durable_floor_journals_writes_and_answers_them_after_the_fsync() -> None:

@@ -36,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, endpoints, task, threads
 
-# All the floor takes from kvtwist: a connection's set-up, which reads only
-# the attributes of FloorFactory below, and its reply path, entered as
-# the store enters it (IReplyTarget.sendReplies); not KVFactory (only the
-# base class that every supported Twisted accepts), nor a store.
+# All the floor takes from kvtwist: its listening defaults, a connection's
+# set-up, which reads only the attributes of FloorFactory below, and its
+# reply path, entered as the store enters it (IReplyTarget.sendReplies);
+# not KVFactory (only the base class that every supported Twisted
+# accepts), nor a store.
+from kvtwist.server.arguments import withServerDefaults
 from kvtwist.server.factory import FactoryBase
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
 from kvtwist.server.reactorchoice import installUnlessChosen
@@ -158,7 +160,9 @@ def serve(
     reactor: Any, description: str = DEFAULT_ENDPOINT, journalPath: str | None = None, inThread: bool = False
 ) -> Any:
     factory = FloorFactory(reactor) if journalPath is None else DurableFloorFactory(reactor, journalPath, inThread)
-    port = yield endpoints.serverFromString(reactor, description).listen(factory)
+    # Listening as kvtwist does (its listen backlog): with Twisted's 50, the
+    # floor turned thousands of new connections away and kvtwist did not.
+    port = yield endpoints.serverFromString(reactor, withServerDefaults(description)).listen(factory)
     print(f"floor listening on port {port.getHost().port}", flush=True)
     # Serve until the process is stopped.
     yield defer.Deferred()
