@@ -70,7 +70,6 @@ struct options {
     int ntargets;
     const char *ports[MAX_TARGETS];
     enum proto protos[MAX_TARGETS];
-    int nprotos;
     int connections;
     int depth;
     int64_t keyspace;

@@ -84,8 +84,8 @@ class Scenario:
 # run, until each has had the round's duration: a machine that slows down
 # for a moment then slows every server alike, where one server measured
 # after another would see its own stretch of time. The same kvtwist
-# against itself spread by 18 to 28% from round to round one after the
-# other, and by 2 to 5% in turns of 0.05 s (docs/performance.md).
+# against itself spread over 0.13 to 0.38 from round to round one after
+# the other, and over 0.02 to 0.05 in turns of 0.05 s (docs/performance.md).
 TURN = 0.05
 
 # The floors show how close to the target any kvtwist could get (kvtwist.bench.floor).
