@@ -751,6 +751,14 @@ static uint64_t stop_sending(struct target *t)
     return now;
 }
 
+/* A turn that began at `began` has ended at `now`: its time counts if it was measured. */
+static void count_turn(struct target *t, uint64_t began, uint64_t now)
+{
+    if (t->measuring)
+        t->measured_ns += now - began;
+    t->measuring = 0;
+}
+
 /*
  * The turns: a warm-up turn per target, then measured turns, forwards and
  * backwards, until each target has had opt.duration seconds of them. When
@@ -772,25 +780,21 @@ static void run_turns(void)
         long m = warm ? k : k - (warm_ns ? n : 0);
         long cycle = m / n, pos = m % n;
         struct target *t = &targets[warm || cycle % 2 == 0 ? pos : n - 1 - pos];
-        if (t != current) {
-            if (current) {
+        if (current) {
+            if (t != current)
                 now = stop_sending(current);
-                if (current->measuring)
-                    current->measured_ns += now - began;
-                current->measuring = 0;
-            }
+            count_turn(current, began, now);
+        }
+        if (t != current) {
             start_sending(t, now);
             current = t;
-        } else if (t->measuring) {
-            t->measured_ns += now - began;
         }
         began = now;
         t->measuring = !warm;
         now = run_until(now + (warm ? warm_ns : turn_ns), NULL, NULL);
     }
     now = stop_sending(current);
-    if (current->measuring)
-        current->measured_ns += now - began;
+    count_turn(current, began, now);
 }
 
 /* --fill: every active connection puts its share of the keyspace, once. */
