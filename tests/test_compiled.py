@@ -132,6 +132,77 @@ def test_deletion_keeps_colliding_runs_findable() -> None:
         assert len(s) == 0
 
 
+# The tables' memory (kvtwist.compiled._tablememory)
+
+BLOCK = 2 * 1024 * 1024
+
+
+def check_blocks(s: Any) -> list[tuple[int, int, int, int]]:
+    """The store's blocks, checked: aligned, one table size each, every table in one."""
+    blocks = s.tableBlocks()
+    for address, size, tableBytes, tables in blocks:
+        assert address % BLOCK == 0 and size % BLOCK == 0 and tables >= 1
+        if tableBytes < BLOCK:
+            assert size == BLOCK and tables <= BLOCK // tableBytes
+        else:
+            assert size == tableBytes and tables == 1
+    assert sum(tables for _, _, _, tables in blocks) == 256
+    assert sum(tableBytes * tables for _, _, tableBytes, tables in blocks) == s.capacity() * 16
+    return blocks
+
+
+def test_tables_of_one_size_share_blocks_and_empty_blocks_are_freed() -> None:
+    s = store()
+    assert [(size, tableBytes, tables) for _, size, tableBytes, tables in check_blocks(s)] == [(BLOCK, 128, 256)]
+    rng = random.Random(3)
+    keys = rng.sample(range(1, 10**9), 100_000)
+    for k in keys:
+        s.put(k, -k, Batch())
+    # Tables of several sizes at once, none of them in a block of another size.
+    assert len({tableBytes for _, _, tableBytes, _ in check_blocks(s)}) >= 2
+    for k in keys[:99_000]:
+        s.delete(k, Batch())
+    check_blocks(s)
+    assert all(s.get(k, Batch()) == -k for k in keys[99_000:])
+    for k in keys[99_000:]:
+        s.delete(k, Batch())
+    # Shrunk back to the smallest tables: every bigger block has been given back.
+    assert [(size, tableBytes, tables) for _, size, tableBytes, tables in check_blocks(s)] == [(BLOCK, 128, 256)]
+
+
+def test_a_table_of_a_block_or_more_has_blocks_of_its_own() -> None:
+    s = store()
+    # Room for 12 million keys: 256 tables of 2 MiB (512 MiB in all).
+    s.reserve(12_000_000)
+    blocks = check_blocks(s)
+    assert {(size, tableBytes, tables) for _, size, tableBytes, tables in blocks} == {(BLOCK, BLOCK, 1)}
+    for k in range(-1000, 1000):
+        s.put(k, k, Batch())
+    assert all(s.get(k, Batch()) == k for k in range(-1000, 1000))
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="no transparent huge pages (Linux only)"
+)
+def test_blocks_are_advised_as_huge_pages() -> None:
+    s = store()
+    s.reserve(500_000)
+    # Each mapping of the process, with its flags: "hg" is MADV_HUGEPAGE.
+    mappings: list[tuple[int, int, list[str]]] = []
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                mappings.append((start, end, []))
+            elif head == "VmFlags:":
+                mappings[-1][2].extend(line.split()[1:])
+    for address, size, _, _ in check_blocks(s):
+        assert all(
+            "hg" in flags for start, end, flags in mappings if start < address + size and address < end
+        ), hex(address)
+
+
 def test_million_keys() -> None:
     s = store()
     chunk = b"".join(b"put %d %d\n" % (k, -k) for k in range(1_000_000))

@@ -14,8 +14,8 @@ reference for the whole grammar.
 import os
 from zlib import crc32 as _crc32
 
-from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -25,6 +25,7 @@ from cpython.long cimport PyLong_AsSsize_t, PyLong_FromLongLong
 from cpython.object cimport PyObject
 
 from kvtwist.compiled._int64 cimport _formatInt, _parseInt
+from kvtwist.compiled._tablememory cimport TableMemory, allocTable, freeAllTables, freeTable
 
 from kvtwist.server import stats as _stats
 from kvtwist.storage.interface import DELETE, GET, PUT, Operation, StoreFull
@@ -116,9 +117,9 @@ cdef inline uint64_t _mix(int64_t key, uint64_t salt) noexcept nogil:
     return h
 
 
-cdef int _resizeTable(Table* table, uint64_t slots, uint64_t salt) noexcept nogil:
+cdef int _resizeTable(TableMemory* memory, Table* table, uint64_t slots, uint64_t salt) noexcept nogil:
     """Move a table's entries into ``slots`` fresh slots (a power of two); -1, changing nothing, without memory."""
-    cdef Slot* fresh = <Slot*>calloc(slots, sizeof(Slot))
+    cdef Slot* fresh = <Slot*>allocTable(memory, slots * sizeof(Slot))
     cdef Slot* old = table.slots
     cdef uint64_t oldSlots = 0 if old == NULL else table.mask + 1
     cdef uint64_t mask = slots - 1
@@ -132,7 +133,7 @@ cdef int _resizeTable(Table* table, uint64_t slots, uint64_t salt) noexcept nogi
             while fresh[j].key != 0:
                 j = (j + 1) & mask
             fresh[j] = old[i]
-    free(old)
+    freeTable(memory, old)
     table.slots = fresh
     table.mask = mask
     table.growAt = <Py_ssize_t>(slots * _GROW_NUM // _GROW_DEN)
@@ -263,8 +264,8 @@ cdef class CompiledStore:
     The map is open addressing with linear probing over 16-byte slots of
     (key, value), hashed with a random salt per store so that clients
     cannot easily choose colliding keys. Key 0 marks an empty slot (fresh
-    tables come zeroed from calloc); the key 0 itself is kept beside the
-    tables. Deletion shifts later entries of the run back, so there are
+    tables come zeroed); the key 0 itself is kept beside the tables, which
+    live in blocks fit for huge pages (kvtwist.compiled._tablememory). Deletion shifts later entries of the run back, so there are
     no tombstones and churn never slows lookups. The top bits of a key's
     hash pick one of 256 tables, which doubles beyond 11/16 full and
     halves below 1/8: growing moves 1/256 of the keys, so no put stalls
@@ -272,6 +273,8 @@ cdef class CompiledStore:
     """
 
     cdef Table _tables[_SHARDS]
+    # Where the tables' slots live (kvtwist.compiled._tablememory).
+    cdef TableMemory _memory
     # Entries in the tables (the key 0 not included).
     cdef Py_ssize_t _used
     cdef bint _hasZero
@@ -291,7 +294,7 @@ cdef class CompiledStore:
         cdef int i
         self._salt = int.from_bytes(os.urandom(8), "little")
         for i in range(_SHARDS):
-            if _resizeTable(&self._tables[i], _MIN_SLOTS, self._salt) < 0:
+            if _resizeTable(&self._memory, &self._tables[i], _MIN_SLOTS, self._salt) < 0:
                 raise MemoryError()
 
     def __init__(self, items=None, maxKeys=None):
@@ -308,9 +311,7 @@ cdef class CompiledStore:
                 self._insert(key, value)
 
     def __dealloc__(self):
-        cdef int i
-        for i in range(_SHARDS):
-            free(self._tables[i].slots)
+        freeAllTables(&self._memory)
         free(self._out)
         free(self._records)
         free(self._undo)
@@ -367,7 +368,7 @@ cdef class CompiledStore:
         if self._count() >= self._room:
             return -1
         if table.used >= table.growAt:
-            if _resizeTable(table, (table.mask + 1) * 2, self._salt) < 0:
+            if _resizeTable(&self._memory, table, (table.mask + 1) * 2, self._salt) < 0:
                 return -1
             slot = self._find(key, &table)
         slot.key = key
@@ -419,7 +420,7 @@ cdef class CompiledStore:
         self._used -= 1
         if table.used < table.shrinkAt:
             # Without memory for the smaller table, the bigger one stays.
-            _resizeTable(table, (mask + 1) // 2, self._salt)
+            _resizeTable(&self._memory, table, (mask + 1) // 2, self._salt)
         return True
 
     cdef inline Py_ssize_t _count(self) noexcept nogil:
@@ -518,7 +519,7 @@ cdef class CompiledStore:
             slots *= 2
         for t in range(_SHARDS):
             if self._tables[t].mask + 1 < slots:
-                if _resizeTable(&self._tables[t], slots, self._salt) < 0:
+                if _resizeTable(&self._memory, &self._tables[t], slots, self._salt) < 0:
                     raise MemoryError()
 
     def keyParts(self):
@@ -547,6 +548,13 @@ cdef class CompiledStore:
         for t in range(_SHARDS):
             total += self._tables[t].mask + 1
         return total
+
+    def tableBlocks(self):
+        """(address, bytes, table size, tables) of each block the tables live in: for tests."""
+        return [
+            (<uintptr_t>block.base, block.bytes, block.tableBytes, block.used)
+            for block in self._memory.blocks[:self._memory.count]
+        ]
 
     # The chunk executor
 
