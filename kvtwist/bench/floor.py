@@ -38,10 +38,12 @@ from twisted.internet import defer, endpoints, task, threads
 
 # All the floor takes from kvtwist: its listening defaults, a connection's
 # set-up, which reads only the attributes of FloorFactory below, and its
-# reply path, entered as the store enters it (IReplyTarget.sendReplies);
-# not KVFactory (only the base class that every supported Twisted
+# reply paths: the in-memory fast path's send straight to the socket
+# (kvtwist.server.directsend), and with a journal, the durable store's
+# (IReplyTarget.sendReplies); not KVFactory (only the base class that every supported Twisted
 # accepts), nor a store.
 from kvtwist.server.arguments import withServerDefaults
+from kvtwist.server.directsend import sendNow
 from kvtwist.server.factory import FactoryBase
 from kvtwist.server.protocol import DEFAULT_MAX_REQUEST, KVProtocol
 from kvtwist.server.reactorchoice import installUnlessChosen
@@ -63,7 +65,13 @@ class FloorProtocol(KVProtocol):
     def dataReceived(self, data: bytes) -> None:
         count = data.count(b"\n")
         if count:
-            self.sendReplies(Batch(OK * count))
+            # Written as kvtwist's in-memory fast path writes an untimed
+            # chunk's replies (KVProtocol.dataReceived).
+            replies = OK * count
+            self.factory.stats.bytesOut += len(replies)
+            replies = sendNow(self.transport, replies)
+            if replies:
+                self._stream.write(replies)
 
 
 class FloorFactory(FactoryBase):

@@ -326,13 +326,10 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         compiledStore = self._compiled
-        if not (
-            self._commands is self._unlocked
-            and not self._pieces
-            and not self._closing
-            and not self._awaiting
-            and self._pendingSince is None
-        ):
+        # Authenticated, not closing, and no request begun: an unfinished
+        # request always has the request clock running (_pendingSince), so
+        # no piece of one is held.
+        if not (self._commands is self._unlocked and not self._closing and self._pendingSince is None):
             self._receive(data, b"", None)
         elif compiledStore is not None:
             # The common case: whole requests in the common form, on an
@@ -377,10 +374,10 @@ class KVProtocol(Protocol, TimeoutMixin):
                 if self.timeOut is not None:
                     self.resetTimeout()
                 self._deliver(carried)
-        elif self._remotePath is not None:
-            # With a remote engine: parsed into the chunk's operations.
-            # (Parsing changes nothing, so a chunk it cannot take whole
-            # simply takes the ordinary path.)
+        elif self._remotePath is not None and not self._awaiting:
+            # With a remote engine, and no chunk at it: parsed into the
+            # chunk's operations. (Parsing changes nothing, so a chunk it
+            # cannot take whole simply takes the ordinary path.)
             operations, done = self._remotePath.parseChunk(data, self.factory.maxRequest)
             if done < len(data) or not operations:
                 self._receive(data, b"", None)
