@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvtwist.compiled import CompiledStore, unavailable
+from kvtwist.compiled import ChunkRunner, CompiledStore, unavailable
 from kvtwist.server import protocol as P, stats as S
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.protocol import KVProtocol
@@ -280,6 +280,60 @@ def test_counts_are_added_per_outcome() -> None:
     assert counts == expected
 
 
+# The server's fast path over the store (ChunkRunner)
+
+def test_a_runner_runs_a_chunk_as_run_chunk_does_and_counts_in_c() -> None:
+    assert ChunkRunner is not None
+    runner, reference = ChunkRunner(store(), 12), store()
+    counts = [0] * len(S.REQUEST_KINDS)
+    chunks = [
+        b"put 1 10\nget 1\nget 2\ndel 1\ndel 1\nput 1 5\nput 1 6\n",
+        b"get 1\n\nget 1\n",
+        # Stops at a line the Python path must judge, and at one over the limit.
+        b"get 1\nGET 1\nget 1\n",
+        b"put 1234 5678\n",
+        b"get 1\nget 7",
+    ]
+    ran = 0
+    for chunk in chunks:
+        replies, done = reference.runChunk(chunk, 0, 12, counts)
+        assert runner.run(chunk) == (replies, done)
+        ran += done
+    assert runner.requestCounts() == counts
+    assert counts[S.GET_FOUND] == 5 and counts[S.PUT_OK] == 2
+    # Each chunk up to the line it stopped at: the put of 14 bytes ran nowhere.
+    assert runner.bytesRun == ran == 49 + 13 + 6 + 0 + 6
+
+
+def test_the_stats_add_what_the_runner_counted_to_what_python_counted() -> None:
+    assert ChunkRunner is not None
+    runner = ChunkRunner(store(), 4096)
+    stats = S.ServerStats(countedInC=runner)
+    runner.run(b"put 1 1\nget 1\nget 2\n")
+    stats.requests[S.GET_FOUND] += 2
+    stats.requests[S.UNKNOWN_COMMAND] += 1
+    stats.bytesIn += 100
+    expected = [0] * len(S.REQUEST_KINDS)
+    expected[S.PUT_OK], expected[S.GET_FOUND], expected[S.GET_NOT_FOUND], expected[S.UNKNOWN_COMMAND] = 1, 3, 1, 1
+    assert stats.requestCounts() == expected
+    assert stats.receivedBytes() == 100 + len(b"put 1 1\nget 1\nget 2\n")
+    assert S.ServerStats().requestCounts() == [0] * len(S.REQUEST_KINDS)
+
+
+def test_a_server_counts_every_request_and_byte_whichever_path_ran_it() -> None:
+    factory = KVFactory(store(), reactor=Clock())
+    proto = factory.buildProtocol(None)
+    assert isinstance(proto, KVProtocol)
+    proto.makeConnection(StringTransport())
+    chunks = [b"put 1 1\nget 1\n", b"GET 1\nget 2\n", b"get", b" 1\n", b"nonsense\n"]
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+    counts = factory.stats.requestCounts()
+    assert (counts[S.PUT_OK], counts[S.GET_FOUND], counts[S.GET_NOT_FOUND], counts[S.UNKNOWN_COMMAND]) == (1, 3, 1, 1)
+    assert sum(counts) == 6
+    assert factory.stats.receivedBytes() == sum(len(chunk) for chunk in chunks)
+
+
 def test_canonical_values_and_signs() -> None:
     s = store()
     replies, _, _ = run(b"put 007 -0005\nget 7\nput -0 0\nget 0\nget -000\nput -999999999999999999 999999999999999999\n"
@@ -471,7 +525,7 @@ def test_chunks_match_the_pure_path(
         pureSide.proto.dataReceived(data)
         runCompiled(compiledSide, data)
     assert compiledSide.transport.value() == pureSide.transport.value()
-    assert compiledSide.factory.stats.requests == pureSide.factory.stats.requests
+    assert compiledSide.factory.stats.requestCounts() == pureSide.factory.stats.requestCounts()
     assert sorted(compiledSide.store.items()) == sorted(reference.items())
     assert len(compiledSide.store) == len(reference)
 

@@ -87,6 +87,7 @@ class FloorFactory(FactoryBase):
     # No store: a FloorProtocol runs no request.
     store = None
     remote = None
+    runner = None
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor

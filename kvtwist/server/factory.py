@@ -11,9 +11,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kvtwist import compiled
 from kvtwist.server.protocol import CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, KVProtocol, StreamTransport
 from kvtwist.server.stats import ServerStats
 from kvtwist.storage.interface import IRemoteStore, IStore
+
+if TYPE_CHECKING:
+    from kvtwist.compiled._chunk import ChunkRunner
 
 DEFAULT_MAX_CONNECTIONS = 10000
 TOO_MANY = b"Error: too many connections\n"
@@ -88,7 +92,13 @@ class KVFactory(FactoryBase):
         self.password = password
         self.reactor = reactor
         self.connections = 0
-        self.stats = ServerStats()
+        # The in-memory fast path in C, for a store that runs chunks there;
+        # it counts what it runs, and the stats read those counts.
+        self.runner: ChunkRunner | None = None
+        if compiled.ChunkRunner is not None and compiled.CompiledStore is not None:
+            if type(store) is compiled.CompiledStore:
+                self.runner = compiled.ChunkRunner(store, maxRequest)
+        self.stats = ServerStats(countedInC=self.runner)
         # Whether to measure each chunk's latency (two clock readings a chunk): with --metrics.
         self.timing = timing
         # Log each connection's open and close (--log-connections); never each request.

@@ -57,14 +57,15 @@ class KVCollector(Collector):
             "kvtwist_requests", "Requests by command and outcome (an Error: kind, or the answer).",
             labels=["command", "outcome"],
         )
-        for (command, outcome), count in zip(REQUEST_KINDS, stats.requests):
+        counts = stats.requestCounts()
+        for (command, outcome), count in zip(REQUEST_KINDS, counts):
             requests.add_metric([command, outcome], count)
         yield requests
         # Timed on a sample of chunks (KVProtocol._timeThisChunk); each request is answered by one reply line.
         yield _histogram(
             "kvtwist_request_latency_seconds",
             "From the read that completed a request to the write of its reply (a sample, scaled to every request).",
-            stats.latency, sum(stats.requests),
+            stats.latency, sum(counts),
         )
         yield GaugeMetricFamily("kvtwist_connections_open", "Client connections open now.", value=factory.connections)
         yield CounterMetricFamily("kvtwist_connections_accepted", "Client connections accepted.", value=stats.accepted)
@@ -82,7 +83,7 @@ class KVCollector(Collector):
         for reason, count in list(stats.closed.items()):
             closed.add_metric([reason], count)
         yield closed
-        yield CounterMetricFamily("kvtwist_received_bytes", "Bytes of requests received.", value=stats.bytesIn)
+        yield CounterMetricFamily("kvtwist_received_bytes", "Bytes of requests received.", value=stats.receivedBytes())
         yield CounterMetricFamily("kvtwist_sent_bytes", "Bytes of replies sent.", value=stats.bytesOut)
         if factory.store is not None:
             # Not with a remote engine: none of them counts the keys under a prefix cheaply.

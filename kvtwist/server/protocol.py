@@ -30,7 +30,7 @@ from kvtwist.storage.interface import DELETE, GET, PUT, Batch, IStore, Operation
 from kvtwist.storage.journaled import JournaledStore
 
 if TYPE_CHECKING:
-    from kvtwist.compiled._chunk import CompiledStore
+    from kvtwist.compiled._chunk import ChunkRunner, CompiledStore
     from kvtwist.server.factory import KVFactory
 
 DEFAULT_MAX_REQUEST = 4096
@@ -145,6 +145,8 @@ class KVProtocol(Protocol, TimeoutMixin):
     _store: IStore
     # The same store when it runs whole chunks in C (kvtwist.compiled), else None.
     _compiled: CompiledStore | None = None
+    # The factory's fast path over that store, once the connection may send requests, else None.
+    _runner: ChunkRunner | None = None
     # With a remote engine, the compiled parsing and formatting (kvtwist.compiled), else None.
     _remotePath: ModuleType | None = None
     # The store when it is journaled and runs whole chunks in C (a data directory on the compiled path), else None.
@@ -216,6 +218,8 @@ class KVProtocol(Protocol, TimeoutMixin):
             self._remotePath = compiled.remotePath
         if self.factory.password is not None:
             self._commands = _LOCKED
+        else:
+            self._runner = self.factory.runner
         self.setTimeout(self.factory.idleTimeout or None)
         if interfaces.ISSLTransport.providedBy(self.transport):
             # The handshake has the time of a request: a client that opens
@@ -325,22 +329,16 @@ class KVProtocol(Protocol, TimeoutMixin):
     # Parsing
 
     def dataReceived(self, data: bytes) -> None:
-        compiledStore = self._compiled
-        # Authenticated, not closing, and no request begun: an unfinished
-        # request always has the request clock running (_pendingSince), so
-        # no piece of one is held.
-        if not (self._commands is self._unlocked and not self._closing and self._pendingSince is None):
-            self._receive(data, b"", None)
-        elif compiledStore is not None:
-            # The common case: whole requests in the common form, on an
-            # authenticated connection with nothing pending, run in C
-            # (kvtwist.compiled) on an in-memory store, which has nothing to
-            # wait for: the replies are written at once.
-            factory = self.factory
+        runner = self._runner
+        if runner is not None and not self._closing and self._pendingSince is None:
+            # The common case: an in-memory store that runs chunks in C
+            # (kvtwist.compiled), on a connection that may send requests
+            # (no password to wait for) and has no request begun (an
+            # unfinished one always has the request clock running). The
+            # replies are written at once: such a store has nothing to
+            # wait for.
             received = self._timeThisChunk() if self._untilTimed else 0.0
-            answered, done = compiledStore.runChunk(data, 0, factory.maxRequest, self._counts)
-            stats = factory.stats
-            stats.bytesIn += done
+            answered, done = runner.run(data)
             if done < len(data):
                 # The rest of the chunk (an unusual line, or an unfinished
                 # request) takes the ordinary path, after these replies.
@@ -354,10 +352,12 @@ class KVProtocol(Protocol, TimeoutMixin):
                     return
                 # What _write does for an untimed chunk, without the cost of
                 # calling it: this path runs once per read (docs/performance.md).
-                stats.bytesOut += len(answered)
+                self.factory.stats.bytesOut += len(answered)
                 answered = sendNow(self.transport, answered)
                 if answered:
                     self._stream.write(answered)
+        elif not (self._commands is self._unlocked and not self._closing and self._pendingSince is None):
+            self._receive(data, b"", None)
         elif self._journaled is not None:
             # A data directory: run in C, noting in the batch what the
             # replies depend on; they leave as the fsync policy says.
@@ -762,6 +762,7 @@ class KVProtocol(Protocol, TimeoutMixin):
         # Constant time: how much of a guess was right must not show.
         if hmac.compare_digest(tokens[1], password):
             self._commands = self._unlocked
+            self._runner = self.factory.runner
             self._authFailures = 0
             self._counts[S.AUTH_OK] += 1
             return OK

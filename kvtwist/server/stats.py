@@ -1,13 +1,16 @@
 """
 What the server counts while it serves: plain integers, read at scrape time.
 
-Counting costs one list increment per request and a few per connection,
-with no lock and no library call on the hot path; ``kvtwist.server.metrics``
+Counting costs one list increment per request and a few per connection
+(on the compiled fast path, an addition in C), with no lock and no
+library call on the hot path; ``kvtwist.server.metrics``
 turns these numbers into Prometheus metrics when someone asks
 (``--metrics``). No Twisted imports.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from kvtwist.histogram import Histogram
 
@@ -54,10 +57,26 @@ CLOSE_REASONS = ("bye", "too_long", "idle", "request_timeout", "auth", "client")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class ServerStats:
-    """The server's counters; every key exists from the start, so a reader in another thread never sees one appear."""
+class CountedInC(Protocol):
+    """What the compiled fast path counts on its own (``kvtwist.compiled.ChunkRunner``)."""
 
-    def __init__(self) -> None:
+    def requestCounts(self) -> list[int]: ...
+
+    @property
+    def bytesRun(self) -> int: ...
+
+
+class ServerStats:
+    """
+    The server's counters; every key exists from the start, so a reader
+    in another thread never sees one appear.
+
+    ``requests`` and ``bytesIn`` are what the Python path counts; the
+    compiled fast path, when there is one, counts in C (``countedInC``),
+    and ``requestCounts`` and ``receivedBytes`` give the sums.
+    """
+
+    def __init__(self, countedInC: CountedInC | None = None) -> None:
         self.requests = [0] * len(REQUEST_KINDS)
         self.accepted = 0
         self.refused = dict.fromkeys(REFUSAL_REASONS, 0)
@@ -65,3 +84,17 @@ class ServerStats:
         self.bytesIn = 0
         self.bytesOut = 0
         self.latency = Histogram(LATENCY_BUCKETS)
+        self._countedInC = countedInC
+
+    def requestCounts(self) -> list[int]:
+        """Every request by kind, indexed as ``REQUEST_KINDS``."""
+        counts = list(self.requests)
+        if self._countedInC is not None:
+            for kind, count in enumerate(self._countedInC.requestCounts()):
+                counts[kind] += count
+        return counts
+
+    def receivedBytes(self) -> int:
+        """The bytes of every request received."""
+        inC = self._countedInC.bytesRun if self._countedInC is not None else 0
+        return self.bytesIn + inC
