@@ -5,6 +5,7 @@ against the pure-Python protocol over MemoryStore, which is the reference.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import subprocess
@@ -179,6 +180,30 @@ def test_a_table_of_a_block_or_more_has_blocks_of_its_own() -> None:
     for k in range(-1000, 1000):
         s.put(k, k, Batch())
     assert all(s.get(k, Batch()) == k for k in range(-1000, 1000))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) as Linux has it")
+def test_a_freed_table_gives_its_pages_back_at_once() -> None:
+    """A map that grows frees its old tables one by one; their pages must not wait for the block's last table."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGESIZE")
+    s = store()
+    rng = random.Random(7)
+    # About 371 keys a table: most tables have doubled to 1,024 slots, some are still at 512.
+    for k in rng.sample(range(1, 10**9), 95_000):
+        s.put(k, k, Batch())
+    blocks = check_blocks(s)
+    # The smaller size's block: every table was cut from it once, most have left it.
+    smaller = min(tableBytes for _, _, tableBytes, _ in blocks)
+    partial = [b for b in blocks if b[2] == smaller]
+    assert smaller >= page and len(partial) == 1 and partial[0][3] < BLOCK // smaller
+    for address, size, tableBytes, tables in partial:
+        vector = (ctypes.c_ubyte * (size // page))()
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0
+        resident = sum(flag & 1 for flag in vector)
+        freed = size // tableBytes - tables
+        # The live tables' pages, and the first page of each freed one, which keeps the list of them.
+        assert resident <= tables * tableBytes // page + freed
 
 
 @pytest.mark.skipif(

@@ -12,7 +12,8 @@ entry (docs/performance.md has the figures). Elsewhere, or where the
 kernel declines, the blocks are ordinary memory and nothing else changes.
 
 A table of a block or more gets whole blocks of its own.
-A block is unmapped as soon as its last table is freed, so a map that has grown
+A freed table's pages go back to the kernel at once, and a block is
+unmapped as soon as its last table is freed, so a map that has grown
 keeps at most one partly used block per table size. Inline, as the only
 user is kvtwist.compiled._chunk.
 """
@@ -26,6 +27,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <sys/mman.h>
+    #include <unistd.h>
     /* `size` bytes of fresh memory aligned to `alignment` (a power of two
        that divides `size`), advised as huge pages where the kernel has
        them; NULL without memory. Mapped rather than taken from malloc,
@@ -50,9 +52,17 @@ cdef extern from *:
     static void kvtwist_unmap(void* p, size_t size) {
         munmap(p, size);
     }
+    /* Give the pages of `size` bytes at `p` back to the kernel, keeping the
+       mapping (they read as zeros after); nothing for less than a page. */
+    static void kvtwist_release(void* p, size_t size) {
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        if (size >= page && (uintptr_t)p % page == 0)
+            (void)madvise(p, size - size % page, MADV_DONTNEED);
+    }
     """
     void* kvtwist_mapAligned(size_t alignment, size_t size) nogil
     void kvtwist_unmap(void* p, size_t size) nogil
+    void kvtwist_release(void* p, size_t size) nogil
 
 
 cdef enum:
@@ -139,6 +149,10 @@ cdef inline void freeTable(TableMemory* memory, void* table) noexcept nogil:
                 memory.count -= 1
                 memory.blocks[i] = memory.blocks[memory.count]
             else:
+                # Its pages go back at once: a map that grows frees its old
+                # tables one by one, and a block lives until its last goes,
+                # which would hold both sizes' memory at the peak.
+                kvtwist_release(table, block.tableBytes)
                 (<void**>table)[0] = block.returned
                 block.returned = table
             return
