@@ -40,8 +40,8 @@ from twisted.internet import defer, endpoints, task, threads
 # set-up, which reads only the attributes of FloorFactory below, and its
 # reply paths: the in-memory fast path's send straight to the socket
 # (kvtwist.server.directsend), and with a journal, the durable store's
-# (IReplyTarget.sendReplies); not KVFactory (only the base class that every supported Twisted
-# accepts), nor a store.
+# (IReplyTarget.sendReplies); not KVFactory (only the base class that
+# every supported Twisted accepts), nor a store.
 from kvtwist.server.arguments import withServerDefaults
 from kvtwist.server.directsend import sendNow
 from kvtwist.server.factory import FactoryBase

@@ -265,8 +265,9 @@ cdef class CompiledStore:
     (key, value), hashed with a random salt per store so that clients
     cannot easily choose colliding keys. Key 0 marks an empty slot (fresh
     tables come zeroed); the key 0 itself is kept beside the tables, which
-    live in blocks fit for huge pages (kvtwist.compiled._tablememory). Deletion shifts later entries of the run back, so there are
-    no tombstones and churn never slows lookups. The top bits of a key's
+    live in blocks fit for huge pages (kvtwist.compiled._tablememory).
+    Deletion shifts later entries of the run back, so there are no
+    tombstones and churn never slows lookups. The top bits of a key's
     hash pick one of 256 tables, which doubles beyond 11/16 full and
     halves below 1/8: growing moves 1/256 of the keys, so no put stalls
     the server for long (one table of 3M keys took 0.2 s to double).

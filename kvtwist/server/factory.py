@@ -95,9 +95,8 @@ class KVFactory(FactoryBase):
         # The in-memory fast path in C, for a store that runs chunks there;
         # it counts what it runs, and the stats read those counts.
         self.runner: ChunkRunner | None = None
-        if compiled.ChunkRunner is not None and compiled.CompiledStore is not None:
-            if type(store) is compiled.CompiledStore:
-                self.runner = compiled.ChunkRunner(store, maxRequest)
+        if compiled.ChunkRunner is not None and type(store) is compiled.CompiledStore:
+            self.runner = compiled.ChunkRunner(store, maxRequest)
         self.stats = ServerStats(countedInC=self.runner)
         # Whether to measure each chunk's latency (two clock readings a chunk): with --metrics.
         self.timing = timing

@@ -330,13 +330,15 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         runner = self._runner
-        if runner is not None and not self._closing and self._pendingSince is None:
+        if self._closing or self._pendingSince is not None:
+            # Closing, or a request begun (an unfinished one always has the
+            # request clock running): only the ordinary path knows what to do.
+            self._receive(data, b"", None)
+        elif runner is not None:
             # The common case: an in-memory store that runs chunks in C
             # (kvtwist.compiled), on a connection that may send requests
-            # (no password to wait for) and has no request begun (an
-            # unfinished one always has the request clock running). The
-            # replies are written at once: such a store has nothing to
-            # wait for.
+            # (no password to wait for). The replies are written at once:
+            # such a store has nothing to wait for.
             received = self._timeThisChunk() if self._untilTimed else 0.0
             answered, done = runner.run(data)
             if done < len(data):
@@ -356,7 +358,7 @@ class KVProtocol(Protocol, TimeoutMixin):
                 answered = sendNow(self.transport, answered)
                 if answered:
                     self._stream.write(answered)
-        elif not (self._commands is self._unlocked and not self._closing and self._pendingSince is None):
+        elif self._commands is not self._unlocked:
             self._receive(data, b"", None)
         elif self._journaled is not None:
             # A data directory: run in C, noting in the batch what the
