@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -619,6 +620,91 @@ def test_quick_comparison_of_two_trees_end_to_end(tmp_path: Path, buildDir: Path
     assert "x baseline req/s" in proc.stdout and "x Redis" not in proc.stdout
     assert "not judged" in proc.stdout and " met" not in proc.stdout
     assert (out / "results.md").read_text().strip() == proc.stdout.strip()
+
+
+def _stat(pid: int) -> tuple[str, list[str]] | None:
+    """A process's command name and the fields after it in /proc/PID/stat (state, ppid, ...), or None once it is gone."""
+    try:
+        text = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return None
+    return text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """The processes whose parent is ``pid``: by pid, their command name and start time."""
+    found = {}
+    for child in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        stat = _stat(child)
+        if stat is not None and stat[1][1] == str(pid):
+            found[child] = (stat[0], stat[1][19])
+    return found
+
+
+def _running(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` runs still: it is neither gone nor a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[1][19] == started and stat[1][0] != "Z"
+
+
+def _waitForEnd(processes: dict[int, tuple[str, str]], timeout: float) -> list[str]:
+    """The names of ``processes`` (as ``_children`` gives them) still running after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [name for pid, (name, started) in processes.items() if _running(pid, started)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_the_servers_and_removes_their_directories(tmp_path: Path, buildDir: Path, kvbench: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtwist.bench", "--only", "cal-d1", "--duration", "60", "--warmup", "0",
+         "--server-warmup", "0", "--no-redis", "--no-plots", "--out", str(tmp_path / "results"),
+         "--build-dir", str(buildDir)],
+        env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    children: dict[int, tuple[str, str]] = {}
+    try:
+        # Once the load generator runs, the server it loads is up in its directory.
+        deadline = time.monotonic() + 60
+        while not any(name.startswith("kvbench") for name, _ in children.values()):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no load generator was started"
+            time.sleep(0.05)
+            children = _children(proc.pid)
+        assert any(name.startswith("cserver") for name, _ in children.values()), children
+        assert [p.name[:16] for p in temp.iterdir()] == ["kvbench-cserver-"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err
+        assert list(temp.iterdir()) == []
+        # The server was stopped; the load generator ends as its connections close.
+        assert _waitForEnd(children, 10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid, (_, started) in children.items():
+            if _running(pid, started):
+                os.kill(pid, signal.SIGKILL)
+        _waitForEnd(children, 10)
+
+
+def test_the_harness_puts_back_the_sigterm_handler_it_found(capsys: pytest.CaptureFixture[str]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert cli.main(["--only", "no-such-scenario"]) == 2
+        assert "unknown scenario" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_enginecost_times_every_step_and_each_pair_does_the_same_work(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 from kvtwist.bench import build, loadgen, plan, plots, report, runner, servers
 
@@ -97,7 +99,29 @@ def _select(scenarios: list[plan.Scenario], only: str, trees: bool) -> list[plan
     return [s for s in scenarios if s.key in keys]
 
 
+def _exitOnTerm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """
+    Run the benchmark and return the exit status.
+
+    SIGTERM ends the run as Ctrl-C does, by an exception, so that the
+    servers it started are stopped and their directories removed on the way
+    out (by default it would die at once and leave them behind); the exit
+    status is then 143, as for a process killed by it. The handler is in
+    place only while ``main`` runs.
+    """
+    previous = signal.signal(signal.SIGTERM, _exitOnTerm)
+    try:
+        return _run(argv)
+    finally:
+        # None: a handler set outside Python, which cannot be put back.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(argv: list[str] | None) -> int:
     args = parseArgs(argv)
     durable = not args.no_durable
     trees = args.baseline_tree is not None
