@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from kvtwist import compiled
 from kvtwist.server.factory import KVFactory
-from kvtwist.server.protocol import KVProtocol, parseInt64
+from kvtwist.server.protocol import TIME_EVERY, KVProtocol, parseInt64
 from kvtwist.storage.interface import Batch, IReplyTarget
 from kvtwist.storage.memory import MemoryStore
 
@@ -247,6 +247,30 @@ def test_idle_timeout() -> None:
     clock.advance(1.5)
     assert transport.disconnecting
     assert transport.value() == b"Key not found\nError: idle timeout\n"
+
+
+def test_after_auth_requests_restart_the_idle_timer_and_are_timed() -> None:
+    # A connection takes the fast path only once unlocked; with an idle
+    # timeout and --metrics, each chunk must still restart the timer and
+    # have its latency sampled.
+    clock = Clock()
+    factory = KVFactory(newStore(), idleTimeout=5, password=b"secret", reactor=clock, timing=True)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"auth secret\n")
+    sampled = factory.stats.latency.count
+    proto.dataReceived(b"put 1 2\n")
+    # One chunk in TIME_EVERY is timed: these span a whole cycle.
+    for _ in range(TIME_EVERY):
+        clock.advance(4)
+        proto.dataReceived(b"get 1\n")
+    clock.advance(4)
+    assert not transport.disconnecting
+    assert factory.stats.latency.count == sampled + 1
+    clock.advance(1.5)
+    assert transport.disconnecting
+    assert transport.value() == b"OK\nOK\n" + b"2\n" * TIME_EVERY + b"Error: idle timeout\n"
 
 
 def test_no_idle_timeout_by_default() -> None:
