@@ -142,6 +142,15 @@ def test_kvbench_loads_several_servers_in_turns_and_measures_each(kvbench: Path,
     assert took >= 2 * (load.warmup + load.duration)
 
 
+def test_every_turn_of_every_server_follows_another_server_s(kvbench: Path, cserver: servers.Server) -> None:
+    # Three loads on one server: no position in the order may give a load
+    # two turns in a row, which would spare it a switch (its pipelines
+    # drained and refilled) and serve it more than the others.
+    load = Load(connections=2, depth=1, keyspace=100, duration=0.3, warmup=0.05, turn=0.05)
+    results = loadgen.finishEach(loadgen.startTurns(kvbench, load, [(cserver.port, "kv")] * 3), 60)
+    assert [(r.turns, r.turnsStarted) for r in results] == [(6, 6)] * 3
+
+
 def test_each_server_s_idle_connections_are_held_by_a_process_of_their_own(
     kvbench: Path, cserver: servers.Server, kvserver  # type: ignore[no-untyped-def]
 ) -> None:

@@ -20,10 +20,15 @@
  * Given several servers (`--port 5000,5001`), it loads them in turns: each
  * has its own connections, and only one server's are sending at a time.
  * After a warm-up turn each, the servers take measured turns of `turn`
- * seconds, forwards then backwards, until each has had `duration` seconds.
- * A turn ends once its last reply is in. So every server is measured across
- * the same stretch of time, and a machine that slows down for a second
- * slows them all alike.
+ * seconds, always in the same order (A B C A B C ...), until each has had
+ * `duration` seconds. A turn ends once its last reply is in. So every
+ * server is measured across the same stretch of time, and a machine that
+ * slows down for a second slows them all alike. Every measured turn of
+ * every server begins right after another server's: the switch (the
+ * other's last replies drained, this one's pipelines refilled) costs each
+ * the same. An order that gave some servers two turns in a row (forwards
+ * then backwards: A B C C B A) spared those servers half their switches,
+ * and served them about 2% more than the one in the middle.
  *
  * The result is one JSON line per server on stdout: requests/s over its
  * measured turns, latency percentiles, and the latency histogram.
@@ -117,6 +122,8 @@ struct target {
     int measuring;         /* replies count in window */
     struct stats window;   /* replies inside measured turns */
     uint64_t measured_ns;  /* how long its measured turns took */
+    long turns;            /* measured turns */
+    long started;          /* measured turns that began with its pipelines refilled, not going on from its own */
     uint64_t total_replies; /* every reply, warm-up and probes included */
     uint64_t total_errors;  /* error replies, warm-up included */
     int busy;              /* with --fill: active connections that still have work */
@@ -690,12 +697,13 @@ static void print_result(const struct target *t)
     printf("{\"port\": \"%s\", \"proto\": \"%s\", \"connections\": %d, \"idle\": %d, \"depth\": %d, "
            "\"keyspace\": %lld, \"reads\": %d, \"fill\": %s, \"seconds\": %.6f, "
            "\"requests\": %llu, \"total_requests\": %llu, \"errors\": %llu, "
+           "\"turns\": %ld, \"turns_started\": %ld, "
            "\"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, "
            "\"hist_us\": [",
            t->port, proto, opt.connections, opt.idle, opt.depth, (long long)opt.keyspace, opt.reads,
            opt.fill ? "true" : "false", elapsed, (unsigned long long)w->replies,
            (unsigned long long)t->total_replies, (unsigned long long)t->total_errors,
-           elapsed > 0 ? (double)w->replies / elapsed : 0.0, percentile_us(w, 0.50),
+           t->turns, t->started, elapsed > 0 ? (double)w->replies / elapsed : 0.0, percentile_us(w, 0.50),
            percentile_us(w, 0.99), percentile_us(w, 0.999));
     const char *sep = "";
     for (int b = 0; b < NBUCKETS; b++) {
@@ -760,9 +768,9 @@ static void count_turn(struct target *t, uint64_t began, uint64_t now)
 }
 
 /*
- * The turns: a warm-up turn per target, then measured turns, forwards and
- * backwards, until each target has had opt.duration seconds of them. When
- * one target's turn follows its own, it just goes on sending.
+ * The turns: a warm-up turn per target, then measured turns in the same
+ * order, until each target has had opt.duration seconds of them. With one
+ * target, its turns follow each other and it just goes on sending.
  */
 static void run_turns(void)
 {
@@ -777,20 +785,23 @@ static void run_turns(void)
     uint64_t now = now_ns(), began = now;
     for (long k = 0; k < total; k++) {
         int warm = warm_ns && k < n;
-        long m = warm ? k : k - (warm_ns ? n : 0);
-        long cycle = m / n, pos = m % n;
-        struct target *t = &targets[warm || cycle % 2 == 0 ? pos : n - 1 - pos];
+        struct target *t = &targets[k % n];
+        int switched = t != current;
         if (current) {
-            if (t != current)
+            if (switched)
                 now = stop_sending(current);
             count_turn(current, began, now);
         }
-        if (t != current) {
+        if (switched) {
             start_sending(t, now);
             current = t;
         }
         began = now;
         t->measuring = !warm;
+        if (!warm) {
+            t->turns++;
+            t->started += switched;
+        }
         now = run_until(now + (warm ? warm_ns : turn_ns), NULL, NULL);
     }
     now = stop_sending(current);

@@ -58,6 +58,11 @@ class LoadResult:
     p999: float
     # (upper bound in microseconds, count) for each non-empty bucket.
     histogram: list[tuple[float, int]] = field(default_factory=list)
+    # Measured turns, and how many of them began with the server's pipelines
+    # refilled after another's turn rather than going on from its own: all
+    # of them when several servers take turns, so each pays every switch.
+    turns: int = 0
+    turnsStarted: int = 0
 
 
 def parseResultLine(line: str) -> LoadResult:
@@ -73,6 +78,8 @@ def parseResultLine(line: str) -> LoadResult:
         p99=float(data["p99_us"]),
         p999=float(data["p999_us"]),
         histogram=[(float(u), int(n)) for u, n in data["hist_us"]],
+        turns=int(data["turns"]),
+        turnsStarted=int(data["turns_started"]),
     )
 
 
