@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -701,6 +702,36 @@ def test_sigterm_stops_the_servers_and_removes_their_directories(tmp_path: Path,
             if _running(pid, started):
                 os.kill(pid, signal.SIGKILL)
         _waitForEnd(children, 10)
+
+
+def _commandLines() -> list[bytes]:
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines.append(Path("/proc", pid, "cmdline").read_bytes())
+        except OSError:
+            pass
+    return lines
+
+
+def test_a_server_interrupted_while_it_starts_is_stopped(tmp_path: Path) -> None:
+    # A server that never says it listens: its start waits for it, and an
+    # interrupt then (Ctrl-C, or the harness's SIGTERM) must not leave it running.
+    marker = f"never-listens-{os.getpid()}-{time.monotonic_ns()}"
+    argv = [sys.executable, "-c", "import sys, time; time.sleep(60)", marker]
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            servers._startAndWaitForLog("never", argv, tmp_path, re.compile(r"listening on (\d+)"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not [line for line in _commandLines() if marker.encode() in line]
 
 
 def test_the_harness_puts_back_the_sigterm_handler_it_found(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,8 +98,19 @@ def _startAndWaitForLog(
 ) -> Server:
     """A server of our protocol that logs the port it listens on, once it does."""
     server = Server(kind, "kv", 0, _spawn(argv, workdir, env), workdir)
-    server.port = _waitForLog(server, pattern)
+    with _stoppedOnError(server):
+        server.port = _waitForLog(server, pattern)
     return server
+
+
+@contextmanager
+def _stoppedOnError(server: Server) -> Iterator[None]:
+    """Stop ``server`` if its start fails or is interrupted (Ctrl-C, the harness's SIGTERM) before it is handed over."""
+    try:
+        yield
+    except BaseException:
+        server.stop()
+        raise
 
 
 def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
@@ -146,8 +159,9 @@ def _startOnFreePort(
     for _ in range(5):
         port = _freePort()
         server = Server(kind, proto, port, _spawn(argvFor(port), workdir), workdir)
-        if _waitForAnswer(server, request, answered, timeout):
-            return server
+        with _stoppedOnError(server):
+            if _waitForAnswer(server, request, answered, timeout):
+                return server
         server.proc.kill()
         server.proc.wait()
     raise ServerError(f"{kind} did not start:\n{server.logText()}")
