@@ -734,6 +734,16 @@ def test_a_server_interrupted_while_it_starts_is_stopped(tmp_path: Path) -> None
     assert not [line for line in _commandLines() if marker.encode() in line]
 
 
+def test_a_server_that_ends_without_listening_is_reported_with_its_log(tmp_path: Path) -> None:
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    argv = [sys.executable, "-c", "print('no port for you', flush=True)"]
+    with pytest.raises(servers.ServerError, match="did not start listening:\nno port for you"):
+        servers._startAndWaitForLog("broken", argv, workdir, re.compile(r"listening on (\d+)"))
+    # Stopped: its directory, log and all, is gone.
+    assert not workdir.exists()
+
+
 def test_the_harness_puts_back_the_sigterm_handler_it_found(capsys: pytest.CaptureFixture[str]) -> None:
     def handler(signum: int, frame: object) -> None:
         pass

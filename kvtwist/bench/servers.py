@@ -114,6 +114,7 @@ def _stoppedOnError(server: Server) -> Iterator[None]:
 
 
 def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0) -> int:
+    """The port ``server`` logs; ``ServerError`` with its log if it never does (the caller stops it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = pattern.search(server.logText())
@@ -122,9 +123,7 @@ def _waitForLog(server: Server, pattern: re.Pattern[str], timeout: float = 30.0)
         if server.proc.poll() is not None:
             break
         time.sleep(0.05)
-    text = server.logText()
-    server.stop()
-    raise ServerError(f"{server.kind} did not start listening:\n{text}")
+    raise ServerError(f"{server.kind} did not start listening:\n{server.logText()}")
 
 
 def _freePort() -> int:
