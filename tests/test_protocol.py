@@ -126,6 +126,16 @@ def test_bad_input(request_: bytes) -> None:
     assert not transport.disconnecting
 
 
+@pytest.mark.parametrize("line", [b"get 1\x0b", b"get 1\x0c", b"get\x0b1", b"get\x0c1"])
+def test_vertical_tab_and_form_feed_are_not_separators(line: bytes) -> None:
+    # bytes.split() would take them for spaces and answer "5".
+    factory = KVFactory(newStore(), reactor=Clock())
+    factory.store.put(1, 5, Batch())
+    proto, transport = connect(factory)
+    proto.dataReceived(line + b"\n")
+    assert transport.value().startswith(b"Error: ")
+
+
 def test_error_texts_name_the_problem() -> None:
     replies = run(b"foo\nput 1\nput x 1\nput 1 x\n").decode().splitlines()
     assert "unknown command" in replies[0]
