@@ -90,6 +90,18 @@ def test_kvbench_fill_stores_every_key_in_kvtwist(kvbench: Path, kvserver) -> No
     assert _request(kvserver.port, b"put 0 1\n") == b"Key already exists\n"
 
 
+def test_a_server_is_filled_in_the_shape_of_the_load_it_is_measured_under(kvbench: Path, kvserver) -> None:  # type: ignore[no-untyped-def]
+    # A JIT compiles what it runs first: the fill runs the measured load's
+    # connections and depth, without its idle connections or turns.
+    load = Load(connections=5, depth=1, keyspace=40, duration=0.3, warmup=0.1, idle=3000, turn=0.05)
+    prefill = runner.prefillFor(load)
+    assert prefill.fill and prefill.idle == 0 and prefill.turn == 0.0
+    assert (prefill.connections, prefill.depth, prefill.keyspace, prefill.reads) == (5, 1, 40, load.reads)
+    result = loadgen.finish(loadgen.start(kvbench, prefill, kvserver.port, "kv"), 30)
+    assert (result.requests, result.errors) == (40, 0)
+    assert [_request(kvserver.port, b"get %d\n" % key) for key in (0, 39)] == [b"0\n", b"39\n"]
+
+
 @needsRedis
 def test_kvbench_speaks_redis(kvbench: Path) -> None:
     server = servers.start("redis", servers.Options())
