@@ -716,6 +716,31 @@ def test_sigterm_stops_the_servers_and_removes_their_directories(tmp_path: Path,
         _waitForEnd(children, 10)
 
 
+def test_sigusr1_writes_where_the_run_waits_and_the_run_goes_on(tmp_path: Path, buildDir: Path, kvbench: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtwist.bench", "--only", "cal-d1", "--duration", "3", "--warmup", "0",
+         "--server-warmup", "0", "--no-redis", "--no-plots", "--out", str(tmp_path / "results"),
+         "--build-dir", str(buildDir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(name.startswith("kvbench") for name, _ in _children(proc.pid).values()):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no load generator was started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        # The stack of the thread that waits for the load generator, then the run's own output.
+        assert "most recent call first" in err and "kvtwist/bench/runner.py" in err, err
+        assert (tmp_path / "results" / "results.json").exists() and "cserver" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _commandLines() -> list[bytes]:
     lines = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

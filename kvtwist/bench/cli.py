@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import shutil
 import signal
 import sys
@@ -110,13 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM ends the run as Ctrl-C does, by an exception, so that the
     servers it started are stopped and their directories removed on the way
     out (by default it would die at once and leave them behind); the exit
-    status is then 143, as for a process killed by it. The handler is in
-    place only while ``main`` runs.
+    status is then 143, as for a process killed by it. SIGUSR1 writes
+    every thread's stack to stderr and the run goes on: a run that seems
+    stuck can be asked where it waits. Both handlers are in place only
+    while ``main`` runs.
     """
     previous = signal.signal(signal.SIGTERM, _exitOnTerm)
+    # The process's own stderr: faulthandler writes to a file descriptor,
+    # which a replaced sys.stderr (a test's capture) may not have.
+    stderr = sys.__stderr__
+    if stderr is not None:
+        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
     try:
         return _run(argv)
     finally:
+        if stderr is not None:
+            faulthandler.unregister(signal.SIGUSR1)
         # None: a handler set outside Python, which cannot be put back.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
