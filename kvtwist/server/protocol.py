@@ -538,10 +538,9 @@ class KVProtocol(Protocol, TimeoutMixin):
 
     def _runLocked(self, lines: list[bytes], careful: bool, batch: Batch) -> list[bytes]:
         """``_run`` before authentication: one request at a time, as ``auth`` may unlock the rest."""
-        out = []
+        out: list[bytes] = []
         for i, line in enumerate(lines):
-            out += self._run([line], careful, batch)
-            if self._closing:
+            if self._runLine(line, careful, batch, out):
                 break
             if self._commands is not _LOCKED:
                 out += self._run(lines[i + 1 :], careful, batch)
