@@ -679,24 +679,46 @@ def _waitForEnd(processes: dict[int, tuple[str, str]], timeout: float) -> list[s
         time.sleep(0.05)
 
 
+def _startHarness(tmp_path: Path, buildDir: Path, duration: float, temp: Path | None = None) -> subprocess.Popen[str]:
+    """A real harness process measuring the C calibration server for ``duration`` seconds, with ``temp`` as its TMPDIR."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvtwist.bench", "--only", "cal-d1", "--duration", str(duration), "--warmup", "0",
+         "--server-warmup", "0", "--no-redis", "--no-plots", "--out", str(tmp_path / "results"),
+         "--build-dir", str(buildDir)],
+        env=dict(os.environ, TMPDIR=str(temp)) if temp is not None else None,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _childrenOnceLoading(proc: subprocess.Popen[str], children: dict[int, tuple[str, str]]) -> None:
+    """Wait until the harness runs its load generator, keeping its children (pid: name, start) in ``children``."""
+    deadline = time.monotonic() + 60
+    while not any(name.startswith("kvbench") for name, _ in children.values()):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no load generator was started"
+        time.sleep(0.05)
+        children.update(_children(proc.pid))
+
+
+def _endHarness(proc: subprocess.Popen[str], children: dict[int, tuple[str, str]]) -> None:
+    """Kill what a failed test left: the harness and any child still running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+    for pid, (_, started) in children.items():
+        if _running(pid, started):
+            os.kill(pid, signal.SIGKILL)
+    _waitForEnd(children, 10)
+
+
 def test_sigterm_stops_the_servers_and_removes_their_directories(tmp_path: Path, buildDir: Path, kvbench: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtwist.bench", "--only", "cal-d1", "--duration", "60", "--warmup", "0",
-         "--server-warmup", "0", "--no-redis", "--no-plots", "--out", str(tmp_path / "results"),
-         "--build-dir", str(buildDir)],
-        env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _startHarness(tmp_path, buildDir, 60, temp)
     children: dict[int, tuple[str, str]] = {}
     try:
         # Once the load generator runs, the server it loads is up in its directory.
-        deadline = time.monotonic() + 60
-        while not any(name.startswith("kvbench") for name, _ in children.values()):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no load generator was started"
-            time.sleep(0.05)
-            children = _children(proc.pid)
+        _childrenOnceLoading(proc, children)
         assert any(name.startswith("cserver") for name, _ in children.values()), children
         assert [p.name[:16] for p in temp.iterdir()] == ["kvbench-cserver-"]
         proc.send_signal(signal.SIGTERM)
@@ -707,28 +729,14 @@ def test_sigterm_stops_the_servers_and_removes_their_directories(tmp_path: Path,
         # The server was stopped; the load generator ends as its connections close.
         assert _waitForEnd(children, 10) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pid, (_, started) in children.items():
-            if _running(pid, started):
-                os.kill(pid, signal.SIGKILL)
-        _waitForEnd(children, 10)
+        _endHarness(proc, children)
 
 
 def test_sigusr1_writes_where_the_run_waits_and_the_run_goes_on(tmp_path: Path, buildDir: Path, kvbench: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtwist.bench", "--only", "cal-d1", "--duration", "3", "--warmup", "0",
-         "--server-warmup", "0", "--no-redis", "--no-plots", "--out", str(tmp_path / "results"),
-         "--build-dir", str(buildDir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _startHarness(tmp_path, buildDir, 3)
+    children: dict[int, tuple[str, str]] = {}
     try:
-        deadline = time.monotonic() + 60
-        while not any(name.startswith("kvbench") for name, _ in _children(proc.pid).values()):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no load generator was started"
-            time.sleep(0.05)
+        _childrenOnceLoading(proc, children)
         proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -736,9 +744,7 @@ def test_sigusr1_writes_where_the_run_waits_and_the_run_goes_on(tmp_path: Path, 
         assert "most recent call first" in err and "kvtwist/bench/runner.py" in err, err
         assert (tmp_path / "results" / "results.json").exists() and "cserver" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _endHarness(proc, children)
 
 
 def _commandLines() -> list[bytes]:
