@@ -386,7 +386,9 @@ def test_the_tree_comparison_is_the_one_a_refactor_needs() -> None:
     scenarios = {s.key: s for s in plan.fullPlan(trees=True) if s.against == AGAINST_TREE}
     assert sorted(scenarios) == ["tree-always", "tree-d1", "tree-d16"]
     assert [scenarios[k].load.depth for k in ("tree-d1", "tree-d16", "tree-always")] == [1, 16, 1]
-    assert set(scenarios["tree-always"].servers) == {"kvtwist-always", "kvtwist-always-baseline"}
+    assert set(scenarios["tree-always"].servers) == {
+        "kvtwist-always", "kvtwist-always-baseline", "kvtwist-pypy-always", "kvtwist-pypy-always-baseline"
+    }
     for s in scenarios.values():
         assert (s.load.connections, s.load.reads, s.load.keyspace, s.load.idle) == (50, 80, 100_000, 0)
         assert s.rounds >= 5 and s.alternate and not s.memory

@@ -108,7 +108,7 @@ REGRESSION = Target("rps", ">=", 0.97)
 TREE_KEYS = ("tree-d1", "tree-d16", "tree-always")
 # Each kvtwist kind beside the same kind run from the baseline tree.
 _TREES = ("kvtwist-baseline", "kvtwist", "kvtwist-pypy-baseline", "kvtwist-pypy")
-_ALWAYS_TREES = ("kvtwist-always-baseline", "kvtwist-always")
+_ALWAYS_TREES = ("kvtwist-always-baseline", "kvtwist-always", "kvtwist-pypy-always-baseline", "kvtwist-pypy-always")
 
 
 def treeScenarios(load: Load, rounds: int, deep: int = 16) -> list[Scenario]:

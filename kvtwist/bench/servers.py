@@ -363,6 +363,7 @@ _STARTERS: dict[str, Callable[[str, Options, Path], Server]] = {
     "kvtwist-baseline": _startKvtwist,
     "kvtwist-pypy-baseline": _startKvtwist,
     "kvtwist-always-baseline": _startKvtwist,
+    "kvtwist-pypy-always-baseline": _startKvtwist,
     # kvtwist nodes keeping their data in a remote engine started for them.
     "kvtwist-redis": _startKvtwist,
     "kvtwist-etcd": _startKvtwist,
