@@ -392,6 +392,68 @@ def test_any_split_gives_the_same_replies(script: bytes, cuts: list[int]) -> Non
     assert whole.count(b"\n") == len([r for r in re.split(rb"\r?\n|\0", script) if r.strip()])
 
 
+# A chunk that is one plain request: _runPlainLine, the pure path's shortcut.
+
+PLAIN = [b"get 5\n", b"put 5 6\n", b"del 5\n", b"put 007 1\n", b"get 99999999999999999999\n", b"put 5 0\n"]
+NOT_PLAIN = [
+    b"get 5\r\n", b"GET 5\n", b"get  5\n", b" get 5\n", b"get 5 \n", b"get\t5\n", b"get -5\n", b"put 5 +6\n",
+    b"get 5", b"get 5\nget 6\n", b"get 5\0\n", b"get 5\0get 6\n", b"put 5\n", b"get 5 6\n", b"bye\n", b"\n",
+    b"get 5\x0b\n", b"auth x\n", b"get \n",
+]
+
+
+@pytest.mark.parametrize("chunk", PLAIN)
+def test_a_plain_request_takes_the_shortcut_and_is_answered_as_usual(chunk: bytes) -> None:
+    factory, reference = KVFactory(newStore(), reactor=Clock()), KVFactory(newStore(), reactor=Clock())
+    factory.store.put(5, 1, Batch())
+    reference.store.put(5, 1, Batch())
+    proto, transport = connect(factory)
+    assert proto._runPlainLine(chunk)
+    # The same request after a blank line, which the shortcut never takes.
+    assert transport.value() == run(b"\n" + chunk, reference)
+    assert transport.value().count(b"\n") == 1
+    assert factory.stats.requestCounts() == reference.stats.requestCounts() and sum(factory.stats.requestCounts()) == 1
+    assert dict(factory.store.items()) == dict(reference.store.items())
+    assert factory.stats.receivedBytes() == len(chunk)
+
+
+@pytest.mark.parametrize("chunk", NOT_PLAIN)
+def test_any_other_chunk_is_left_to_the_ordinary_path(chunk: bytes) -> None:
+    factory = KVFactory(newStore(), reactor=Clock())
+    factory.store.put(5, 1, Batch())
+    proto, transport = connect(factory)
+    assert not proto._runPlainLine(chunk)
+    assert transport.value() == b"" and dict(factory.store.items()) == {5: 1}
+    assert not any(factory.stats.requestCounts()) and factory.stats.receivedBytes() == 0
+
+
+def test_a_plain_request_over_the_limit_is_left_to_the_ordinary_path() -> None:
+    proto, transport = connect(KVFactory(newStore(), maxRequest=4, reactor=Clock()))
+    assert not proto._runPlainLine(b"get 5\n")
+    proto.dataReceived(b"get 5\n")
+    assert transport.value() == b"Error: request too long\n"
+
+
+plainish = st.lists(
+    st.sampled_from([b"put", b"get", b"del", b"GET", b"bye", b"1", b"07", b"-3", b"+4", b"99999999999999999999", b""])
+    | st.sampled_from([b"\r", b"\t", b"\0", b"\x0b", b"5\r", b"\n"]),
+    max_size=4,
+).map(b" ".join)
+
+
+@given(plainish, st.integers(1, 40))
+def test_a_line_gets_the_same_reply_and_counts_whichever_path_takes_it(line: bytes, limit: int) -> None:
+    def serve(chunk: bytes) -> tuple[bytes, list[int], dict[int, int]]:
+        factory = KVFactory(newStore(), maxRequest=limit, reactor=Clock())
+        factory.store.put(7, 1, Batch())
+        proto, transport = connect(factory)
+        proto.dataReceived(chunk)
+        return transport.value(), factory.stats.requestCounts(), dict(factory.store.items())
+
+    # After a blank line, the chunk is never a plain request on its own.
+    assert serve(line + b"\n") == serve(b"\n" + line + b"\n")
+
+
 # Connections that always end (a Clock drives every timer).
 
 def clocked(**options) -> tuple[KVProtocol, StringTransport, Clock]:

@@ -389,8 +389,38 @@ class KVProtocol(Protocol, TimeoutMixin):
             if self._untilTimed:
                 batch.received = self._timeThisChunk()
             self._askEngine(operations, None, batch)
-        else:
+        elif self._commands is not _COMMANDS or not self._runPlainLine(data):
             self._receive(data, b"", None)
+
+    def _runPlainLine(self, data: bytes) -> bool:
+        """
+        Run a chunk that is one plain request (a lowercase verb, single
+        spaces, unsigned decimal arguments), as ``_receive`` would; False,
+        having done nothing, for any other chunk.
+
+        The pure-Python path's counterpart of the compiled runner, for the
+        chunk a client sends without pipelining: on PyPy the ordinary path
+        makes the JIT's trace of a request too long to keep whole.
+        """
+        end = len(data) - 1
+        if end > self.factory.maxRequest or data.find(b"\n") != end:
+            return False
+        tokens = data[:end].split(b" ")
+        entry = _PLAIN.get(tokens[0])
+        if entry is None or len(tokens) != entry[0]:
+            return False
+        # Digits only: then the ordinary path would split the line into
+        # these very tokens (no other whitespace, no NUL, no CR).
+        if not tokens[1].isdigit() or (len(tokens) == 3 and not tokens[2].isdigit()):
+            return False
+        batch = Batch()
+        if self._untilTimed:
+            batch.received = self._timeThisChunk()
+        self.factory.stats.bytesIn += len(data)
+        batch.replies = entry[1](self, tokens, batch)
+        self.resetTimeout()
+        self._deliver(batch)
+        return True
 
     def _receive(self, data: bytes, prefix: bytes, carried: Batch | None) -> None:
         """
@@ -879,6 +909,9 @@ def _queueFor(command: int, badKey: int, badValue: int = -1) -> Callable[[KVProt
 
     return queue
 
+
+# The plain requests ``_runPlainLine`` takes: verb -> (number of tokens, handler).
+_PLAIN = {b"put": (3, KVProtocol.do_put), b"get": (2, KVProtocol.do_get), b"del": (2, KVProtocol.do_del)}
 
 _REMOTE_COMMANDS: dict[bytes, _Command] = {
     **_COMMANDS,
