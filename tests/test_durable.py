@@ -520,6 +520,27 @@ def test_always_serves_on_while_an_fsync_runs(tmp_path) -> None:
     assert recoveredState(tmp_path) == {1: 1, 2: 2}
 
 
+def test_after_an_fsync_that_covered_part_of_what_waits_each_connection_waits_only_for_its_own(tmp_path) -> None:
+    syncs = HeldSyncs()
+    durable, factory, clock = serve(tmp_path, "always", syncs)
+    (covered, coveredTransport), (both, bothTransport) = connect(factory), connect(factory)
+    covered.dataReceived(b"put 5 5\n")
+    both.dataReceived(b"put 1 1\n")
+    clock.advance(0)
+    # While the fsync of those two writes runs, one connection writes again.
+    both.dataReceived(b"put 2 2\n")
+    syncs.finish_one()
+    assert coveredTransport.value() == b"OK\n" and bothTransport.value() == b"OK\n"
+    # A connection with nothing left waiting is answered at once; one whose
+    # write waits for the next fsync is answered after it, in order.
+    covered.dataReceived(b"get 6\n")
+    both.dataReceived(b"get 6\n")
+    assert coveredTransport.value() == b"OK\nKey not found\n" and bothTransport.value() == b"OK\n"
+    syncs.finish_one()
+    assert bothTransport.value() == b"OK\nOK\nKey not found\n"
+    stop(durable, clock)
+
+
 def test_always_does_not_fsync_a_turn_that_wrote_nothing(tmp_path, monkeypatch) -> None:
     durable, factory, clock = serve(tmp_path, "always")
     durable.store.put(1, 10, Batch())
