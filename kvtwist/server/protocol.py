@@ -407,7 +407,7 @@ class KVProtocol(Protocol, TimeoutMixin):
             return False
         tokens = data[:end].split(b" ")
         entry = _PLAIN.get(tokens[0])
-        if entry is None or len(tokens) != entry[0]:
+        if entry is None or len(tokens) - 1 != entry[0]:
             return False
         # Digits only: then the ordinary path would split the line into
         # these very tokens (no other whitespace, no NUL, no CR).
@@ -910,8 +910,8 @@ def _queueFor(command: int, badKey: int, badValue: int = -1) -> Callable[[KVProt
     return queue
 
 
-# The plain requests ``_runPlainLine`` takes: verb -> (number of tokens, handler).
-_PLAIN = {b"put": (3, KVProtocol.do_put), b"get": (2, KVProtocol.do_get), b"del": (2, KVProtocol.do_del)}
+# The commands ``_runPlainLine`` takes, as ``_COMMANDS`` has them.
+_PLAIN = {verb: _COMMANDS[verb] for verb in (b"put", b"get", b"del")}
 
 _REMOTE_COMMANDS: dict[bytes, _Command] = {
     **_COMMANDS,
