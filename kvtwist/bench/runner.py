@@ -248,7 +248,7 @@ def runPlan(
     if options.baselineTree is None:
         available = {kind for kind in available if not servers.runsBaselineTree(kind)}
     if not servers.kvtwistSupportsFsync():
-        available -= {"kvtwist-always", "kvtwist-pypy-always", "kvtwist-always-baseline", "kvtwist-pypy-always-baseline"}
+        available = {kind for kind in available if not servers.runsWithFsync(kind)}
     for i, scenario in enumerate(plan, 1):
         kinds = tuple(k for k in scenario.servers if k in available)
         skipped = set(scenario.servers) - set(kinds)

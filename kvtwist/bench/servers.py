@@ -231,6 +231,11 @@ def runsBaselineTree(kind: str) -> bool:
     return kind.endswith(BASELINE_SUFFIX)
 
 
+def runsWithFsync(kind: str) -> bool:
+    """Whether ``kind`` is a kvtwist started with ``--data DIR --fsync always``."""
+    return kind.startswith("kvtwist") and kind.removesuffix(BASELINE_SUFFIX).endswith("-always")
+
+
 def withoutMetricsKind(kind: str) -> str:
     """The kind that is ``kind`` without ``--metrics``."""
     return kind.removesuffix("-metrics")
@@ -290,7 +295,7 @@ def _startPlainKvtwist(kind: str, options: Options, workdir: Path, store: list[s
         "--max-connections", str(MAX_CONNECTIONS),
         *store,
     ]
-    if kind.removesuffix(BASELINE_SUFFIX).endswith("-always"):
+    if runsWithFsync(kind):
         argv += ["--data", str(workdir / "data"), "--fsync", "always"]
     if kind.endswith("-metrics"):
         argv += ["--metrics", f"tcp:0:interface={HOST}"]
