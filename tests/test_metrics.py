@@ -80,10 +80,22 @@ def test_without_timing_no_latency_is_measured() -> None:
     assert scrape(factory).get_sample_value("kvtwist_request_latency_seconds_count") == 0
 
 
-def test_latency_is_timed_on_a_sample_of_chunks_scaled_to_every_request() -> None:
+def _memoryStores() -> list[object]:
+    """The in-memory stores a server may run: the pure-Python one, and the compiled one where it is built."""
+    from kvtwist import compiled
+
+    stores: list[object] = [pytest.param(MemoryStore, id="python")]
+    if compiled.CompiledStore is not None:
+        stores.append(pytest.param(compiled.CompiledStore, id="compiled"))
+    return stores
+
+
+@pytest.mark.parametrize("makeStore", _memoryStores())
+def test_latency_is_timed_on_a_sample_of_chunks_scaled_to_every_request(makeStore: type[MemoryStore]) -> None:
+    # On the compiled path too: its chunks run in C, but the sampled ones still go through the clock.
     from kvtwist.server.protocol import TIME_EVERY
 
-    factory = KVFactory(MemoryStore(), reactor=Clock(), timing=True)
+    factory = KVFactory(makeStore(), reactor=Clock(), timing=True)
     proto = factory.buildProtocol(None)
     proto.makeConnection(StringTransport())
     chunks = 2 * TIME_EVERY + 1
