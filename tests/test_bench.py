@@ -164,6 +164,31 @@ def test_every_turn_of_every_server_follows_another_server_s(kvbench: Path, cser
     assert [(r.turns, r.turnsStarted) for r in results] == [(6, 6)] * 3
 
 
+def test_a_result_larger_than_a_pipe_is_read_while_the_servers_are_sampled(
+    cserver: servers.Server, tmp_path: Path
+) -> None:
+    # Many servers in turns with wide latencies print histograms beyond a
+    # pipe's 64 KiB: a harness that only samples the servers until the load
+    # generator exits waits for ever on one blocked in its last write. This
+    # stand-in prints such a result, one line per server, after a while.
+    buckets = [[10.0 + i / 64, 1] for i in range(8_000)]
+    line = json.dumps({
+        "rps": 1000.0, "requests": len(buckets), "total_requests": len(buckets), "errors": 0,
+        "seconds": 8.0, "p50_us": 50.0, "p99_us": 120.0, "p999_us": 130.0,
+        "hist_us": buckets, "turns": 4, "turns_started": 4,
+    })
+    generator = tmp_path / "bigresult"
+    generator.write_text(
+        f"#!{sys.executable}\nimport sys, time\ntime.sleep(0.4)\n"
+        f"for _ in range(3):\n    sys.stdout.write({line!r} + '\\n')\n"
+    )
+    generator.chmod(0o755)
+    assert 3 * len(line) > 4 * 65536
+    scenario = Scenario("big", "big", Load(duration=0.1, warmup=0.0, turn=0.05))
+    results = runner.measure([cserver] * 3, scenario, 0, generator)
+    assert [(m.rps, len(m.histogram)) for m in results] == [(1000.0, len(buckets))] * 3
+
+
 def test_each_server_s_idle_connections_are_held_by_a_process_of_their_own(
     kvbench: Path, cserver: servers.Server, kvserver  # type: ignore[no-untyped-def]
 ) -> None:

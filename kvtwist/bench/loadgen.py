@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,14 +102,29 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> LoadResult:
     return result
 
 
-def finishEach(proc: subprocess.Popen[str], timeout: float) -> list[LoadResult]:
-    """Wait for kvbench and parse its result for each server, in the order they were given."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise LoadError(f"kvbench did not finish within {timeout:.0f} s")
+def finishEach(
+    proc: subprocess.Popen[str], timeout: float,
+    meanwhile: Callable[[], None] = lambda: None, every: float = 0.05,
+) -> list[LoadResult]:
+    """
+    Wait for kvbench and parse its result for each server, in the order they
+    were given, calling ``meanwhile`` every ``every`` seconds until it exits.
+    Its output is read all along: with many servers and wide latencies the
+    histograms outgrow a pipe's buffer, and kvbench would block on its last
+    write while we waited for it to exit.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=every)
+            break
+        except subprocess.TimeoutExpired:
+            # communicate keeps what it has read so far for the next call.
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.communicate()
+                raise LoadError(f"kvbench did not finish within {timeout:.0f} s")
+            meanwhile()
     if proc.returncode != 0:
         raise LoadError(err.strip() or f"kvbench exited with {proc.returncode}")
     return [parseResultLine(line) for line in out.strip().splitlines()]

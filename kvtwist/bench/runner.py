@@ -84,10 +84,13 @@ def measure(
     before = [procfs.sample(server.pid) for server in group]
     proc = loadgen.startTurns(kvbench, load, [(server.port, server.proto) for server in group])
     peaks = [b.rss for b in before]
-    while proc.poll() is None:
-        time.sleep(0.05)
-        peaks = [max(peak, procfs.sample(server.pid).rss) for peak, server in zip(peaks, group)]
-    results = loadgen.finishEach(proc, timeout=60 + len(group) * (load.warmup + load.duration))
+
+    def samplePeaks() -> None:
+        peaks[:] = [max(peak, procfs.sample(server.pid).rss) for peak, server in zip(peaks, group)]
+
+    results = loadgen.finishEach(
+        proc, timeout=120 + len(group) * (load.warmup + load.duration), meanwhile=samplePeaks
+    )
     measurements = []
     for server, start, peak, result in zip(group, before, peaks, results, strict=True):
         waitUntilQuiet(server.pid)
