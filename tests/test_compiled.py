@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from kvtwist.compiled import ChunkRunner, CompiledStore, unavailable
+from kvtwist.histogram import Histogram
 from kvtwist.server import protocol as P, stats as S
 from kvtwist.server.factory import KVFactory
 from kvtwist.server.protocol import KVProtocol
@@ -343,6 +344,33 @@ def test_the_stats_add_what_the_runner_counted_to_what_python_counted() -> None:
     assert stats.requestCounts() == expected
     assert stats.receivedBytes() == 100 + len(b"put 1 1\nget 1\nget 2\n")
     assert S.ServerStats().requestCounts() == [0] * len(S.REQUEST_KINDS)
+
+
+def test_a_runner_with_a_histogram_times_the_first_chunk_and_one_in_time_every() -> None:
+    assert ChunkRunner is not None
+    latency = Histogram(S.LATENCY_BUCKETS)
+    runner = ChunkRunner(store(), 4096, latency, 3)
+    # Chunks 1, 4 and 7 are timed, each filed once per reply; chunk 4 has
+    # three requests, the others two.
+    for i in range(7):
+        chunk = b"put %d 1\nget %d\n" % (i, i) + (b"del %d\n" % i if i == 3 else b"")
+        runner.run(chunk)
+    assert latency.count == 2 + 3 + 2
+    assert 0 < latency.total < 7 * 1.0
+    # The tenth chunk is timed, but answers nothing (an unfinished request)
+    # and so files nothing; the count goes on from it.
+    runner.run(b"get 1\n")
+    runner.run(b"get 1\n")
+    assert runner.run(b"get 1") == (b"", 0)
+    runner.run(b"get 1\n")
+    runner.run(b"get 1\n")
+    assert latency.count == 7
+    runner.run(b"get 1\n")
+    assert latency.count == 8
+    # Without a histogram, nothing is timed.
+    assert ChunkRunner(store(), 4096).run(b"get 1\n") == (b"Key not found\n", 6)
+    with pytest.raises(ValueError, match="at least 1"):
+        ChunkRunner(store(), 4096, latency, 0)
 
 
 def test_a_server_counts_every_request_and_byte_whichever_path_ran_it() -> None:

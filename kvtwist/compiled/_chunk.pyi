@@ -2,6 +2,7 @@
 
 from typing import Iterable, Iterator
 
+from kvtwist.histogram import Histogram
 from kvtwist.storage.interface import Batch, IReplyTarget, Operation, Outcome
 
 STORE_FULL: str
@@ -32,7 +33,9 @@ class CompiledStore:
     def undoPending(self) -> None: ...
 
 class ChunkRunner:
-    def __init__(self, store: CompiledStore, maxRequest: int) -> None: ...
+    def __init__(
+        self, store: CompiledStore, maxRequest: int, latency: Histogram | None = None, timeEvery: int = 1
+    ) -> None: ...
     def run(self, data: bytes) -> tuple[bytes, int]: ...
     def requestCounts(self) -> list[int]: ...
     @property

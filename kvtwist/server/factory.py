@@ -12,8 +12,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvtwist import compiled
-from kvtwist.server.protocol import CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, KVProtocol, StreamTransport
-from kvtwist.server.stats import ServerStats
+from kvtwist.histogram import Histogram
+from kvtwist.server.protocol import (
+    CLOSE_GRACE, DEFAULT_MAX_REQUEST, DEFAULT_REQUEST_TIMEOUT, TIME_EVERY, KVProtocol, StreamTransport,
+)
+from kvtwist.server.stats import LATENCY_BUCKETS, ServerStats
 from kvtwist.storage.interface import IRemoteStore, IStore
 
 if TYPE_CHECKING:
@@ -92,13 +95,15 @@ class KVFactory(FactoryBase):
         self.password = password
         self.reactor = reactor
         self.connections = 0
+        latency = Histogram(LATENCY_BUCKETS)
         # The in-memory fast path in C, for a store that runs chunks there;
-        # it counts what it runs, and the stats read those counts.
+        # it counts what it runs, and the stats read those counts. With
+        # --metrics it samples the latency of the chunks it runs, too.
         self.runner: ChunkRunner | None = None
         if compiled.ChunkRunner is not None and type(store) is compiled.CompiledStore:
-            self.runner = compiled.ChunkRunner(store, maxRequest)
-        self.stats = ServerStats(countedInC=self.runner)
-        # Whether to measure each chunk's latency (two clock readings a chunk): with --metrics.
+            self.runner = compiled.ChunkRunner(store, maxRequest, latency if timing else None, TIME_EVERY)
+        self.stats = ServerStats(latency, countedInC=self.runner)
+        # Whether to sample chunks' latency (two clock readings a chunk timed): with --metrics.
         self.timing = timing
         # Log each connection's open and close (--log-connections); never each request.
         self.logConnections = logConnections
