@@ -111,6 +111,22 @@ def test_latency_is_timed_on_a_sample_of_chunks_scaled_to_every_request(makeStor
     assert scaled == pytest.approx(factory.stats.latency.total * chunks / 3)
 
 
+def test_a_chunk_the_runner_began_and_python_finished_files_each_reply_once() -> None:
+    from kvtwist import compiled
+
+    if compiled.CompiledStore is None:
+        pytest.skip("no compiled path")
+    factory = KVFactory(compiled.CompiledStore(), reactor=Clock(), timing=True)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    # The runner answers the get and leaves the unknown line to Python; both
+    # are the first of their kind to be sampled, the runner's and the connection's.
+    proto.dataReceived(b"get 1\nfoo\n")
+    assert transport.value().count(b"\n") == 2
+    assert factory.stats.latency.count == 1
+
+
 def test_a_remote_engine_exports_its_round_trips_errors_and_health() -> None:
     from test_protocol_remote import DictEngine
 

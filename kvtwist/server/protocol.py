@@ -519,7 +519,9 @@ class KVProtocol(Protocol, TimeoutMixin):
             batch = carried
         else:
             batch = Batch()
-            if self._untilTimed:
+            # After a prefix from the compiled runner, which samples its
+            # own chunks: timing here would file its replies a second time.
+            if self._untilTimed and not prefix:
                 batch.received = self._timeThisChunk()
         if (self._compiled is not None or self._journaled is not None) and self._commands is _COMMANDS:
             replies, rest = self._runCompiled(buffered, batch)
