@@ -868,7 +868,7 @@ cdef class ChunkRunner:
         cdef const char* p = out
         clock_gettime(CLOCK_MONOTONIC, &now)
         while p < end:
-            p = <const char*>memchr(p, b"\n", end - p)
+            p = <const char*>memchr(p, c'\n', end - p)
             if p == NULL:
                 break
             replies += 1
